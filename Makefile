@@ -1,0 +1,31 @@
+# pgrelief developer entry points. `make demo` and `make test` are the README's two set-up commands.
+PYTHON ?= python3
+CACHE_DIR ?= $(HOME)/.cache/pgrelief
+
+.PHONY: install demo test lint typecheck kube-testenv kube-tools bench crd
+
+install:
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+
+demo: install
+	$(PYTHON) -m pgrelief.demo
+
+kube-tools:
+	bash scripts/install-kube-tools.sh "$(CACHE_DIR)/bin"
+
+kube-testenv:
+	bash tests/kube-testenv/build.sh "$(CACHE_DIR)"
+
+lint:
+	$(PYTHON) -m ruff check operator tests bench
+	$(PYTHON) -m ruff format --check operator tests bench
+
+typecheck:
+	$(PYTHON) -m mypy
+	lint-imports
+
+test: install lint typecheck
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) bench/diagnose_bench.py
