@@ -1,0 +1,222 @@
+"""The ``pgrelief`` command line: thin wiring from flags to the pipeline.
+
+Every command parses its flags, calls observe/diagnose/plan/act, and renders. The exit codes
+are a contract for scripts and monitoring (0 healthy, 1 warning, 2 critical, 3 unknown/error),
+so click's own usage-error code (2, which would read as "critical") is mapped to 3, and every
+error is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from pgrelief import __version__
+from pgrelief.crd import crd_yaml
+from pgrelief.diagnose import DiagnoseOptions, diagnose_refusal
+from pgrelief.diagnose import diagnose as run_diagnosis
+from pgrelief.diagnosis import Diagnosis, Severity
+from pgrelief.dumps import snapshot_from_files
+from pgrelief.durations import DurationError, parse_duration
+from pgrelief.errors import PgreliefError, ServerRefused
+from pgrelief.observe import connect, take_snapshot
+from pgrelief.report import render_json, render_text
+from pgrelief.runner import run_standalone
+from pgrelief.sizing import SizeError, parse_size
+
+EXIT_ERROR = int(Severity.UNKNOWN)
+_STACKS = ("sqlalchemy", "django", "rails", "hikaricp")
+
+
+def _duration_option(value: str | None, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except DurationError as error:
+        raise click.BadParameter(str(error), param_hint=flag) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pgrelief")
+def cli() -> None:
+    """pgrelief: find and free what is eating PostgreSQL connection slots."""
+
+
+@cli.command()
+@click.option("--dsn", help="libpq connection string or URI of the server to inspect.")
+@click.option(
+    "--activity-file",
+    type=click.Path(path_type=Path),
+    help="pg_stat_activity dump: psql \\copy CSV with header, or json_agg JSON.",
+)
+@click.option(
+    "--settings-file",
+    type=click.Path(path_type=Path),
+    help="pg_settings dump (CSV or JSON) to go with --activity-file.",
+)
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
+@click.option("--idle-after", help="Idle this long counts as a leaked session (default 30m).")
+@click.option(
+    "--idle-in-transaction-after",
+    help="Idle in transaction this long is reported (default 60s).",
+)
+@click.option("--long-running-after", help="Active this long is a long-running query (5m).")
+@click.option("--memory", help="Server RAM (e.g. 16GB) to check max_connections against.")
+@click.option("--stack", type=click.Choice(_STACKS), help="Force the ORM advice for this stack.")
+@click.option("--warning-percent", type=click.IntRange(1, 100), default=70, show_default=True)
+@click.option("--critical-percent", type=click.IntRange(1, 100), default=90, show_default=True)
+def diagnose(
+    dsn: str | None,
+    activity_file: Path | None,
+    settings_file: Path | None,
+    output_format: str,
+    idle_after: str | None,
+    idle_in_transaction_after: str | None,
+    long_running_after: str | None,
+    memory: str | None,
+    stack: str | None,
+    warning_percent: int,
+    critical_percent: int,
+) -> None:
+    """Explain what is using the connection slots, with evidence and fixes.
+
+    Exit status: 0 healthy, 1 warning, 2 critical, 3 unknown or error.
+    """
+
+    if (dsn is None) == (activity_file is None):
+        raise click.UsageError("give exactly one of --dsn or --activity-file")
+    if settings_file is not None and activity_file is None:
+        raise click.UsageError("--settings-file goes with --activity-file")
+    if warning_percent >= critical_percent:
+        raise click.UsageError("--warning-percent must be below --critical-percent")
+    try:
+        memory_bytes = parse_size(memory) if memory else None
+    except SizeError as error:
+        raise click.BadParameter(str(error), param_hint="--memory") from None
+    defaults = DiagnoseOptions()
+    options = DiagnoseOptions(
+        idle_after_s=_duration_option(idle_after, "--idle-after") or defaults.idle_after_s,
+        idle_in_transaction_after_s=_duration_option(
+            idle_in_transaction_after, "--idle-in-transaction-after"
+        )
+        or defaults.idle_in_transaction_after_s,
+        long_running_after_s=_duration_option(long_running_after, "--long-running-after")
+        or defaults.long_running_after_s,
+        warning_percent=warning_percent,
+        critical_percent=critical_percent,
+        memory_bytes=memory_bytes,
+        stack=stack,
+    )
+    diagnosis = (
+        _diagnose_live(dsn, options)
+        if dsn
+        else _diagnose_files(activity_file, settings_file, options)
+    )
+    _render(diagnosis, output_format)
+    sys.exit(int(diagnosis.status))
+
+
+def _diagnose_live(dsn: str, options: DiagnoseOptions) -> Diagnosis:
+
+    try:
+        with connect(dsn) as conn:
+            snapshot = take_snapshot(conn)
+    except ServerRefused as refused:
+        return diagnose_refusal(str(refused))
+    return run_diagnosis(snapshot, options)
+
+
+def _diagnose_files(
+    activity_file: Path | None, settings_file: Path | None, options: DiagnoseOptions
+) -> Diagnosis:
+
+    assert activity_file is not None
+    return run_diagnosis(snapshot_from_files(activity_file, settings_file), options)
+
+
+def _render(diagnosis: Diagnosis, output_format: str) -> None:
+
+    if output_format == "json":
+        render_json(diagnosis, sys.stdout)
+    else:
+        render_text(diagnosis, sys.stdout)
+
+
+@cli.command()
+@click.option(
+    "--policy",
+    "policy_file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="ConnectionPolicy YAML, the same file you would kubectl apply.",
+)
+@click.option("--dsn", help="Server to act on; overrides spec.postgres.")
+@click.option("--once", is_flag=True, help="Run one cycle and exit.")
+@click.option("--dry-run", is_flag=True, help="Change nothing; report what would be done.")
+@click.option(
+    "--audit-file", type=click.Path(path_type=Path), help="Append JSON-line audit records."
+)
+@click.option(
+    "--state-file",
+    type=click.Path(path_type=Path),
+    help="Where recent terminations and original values are kept between runs.",
+)
+@click.option("--revert", is_flag=True, help="Restore the values found before pgrelief's changes.")
+def run(
+    policy_file: Path,
+    dsn: str | None,
+    once: bool,
+    dry_run: bool,
+    audit_file: Path | None,
+    state_file: Path | None,
+    revert: bool,
+) -> None:
+    """Diagnose and remediate in a loop, within the policy's limits, without Kubernetes."""
+
+    run_standalone(
+        policy_file,
+        dsn=dsn,
+        once=once,
+        dry_run=dry_run,
+        audit_file=audit_file,
+        state_file=state_file,
+        revert=revert,
+    )
+
+
+@cli.command()
+def crd() -> None:
+    """Print the ConnectionPolicy CRD generated from the policy model."""
+
+    click.echo(crd_yaml(), nl=False)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"pgrelief: error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI with the exit-code contract enforced."""
+    try:
+        cli.main(args=argv, prog_name="pgrelief", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted")
+    except click.ClickException as error:
+        _fail(error.format_message())
+    except PgreliefError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    except Exception as error:  # the one-line promise holds even for our own bugs
+        if os.environ.get("PGRELIEF_DEBUG"):
+            raise
+        _fail(f"internal error: {type(error).__name__}: {error} (set PGRELIEF_DEBUG=1 for details)")
+    sys.exit(0)
