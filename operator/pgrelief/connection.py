@@ -1,0 +1,169 @@
+"""The lifeline: one persistent monitoring connection that survives a full server.
+
+When the server refuses clients, a tool that opens a fresh connection per cycle is locked out
+exactly when it is needed. pgrelief opens one autocommit connection, keeps it across cycles,
+bounds every statement it runs (statement_timeout, lock_timeout) so it can never become part
+of the pile-up, reconnects with backoff when it is lost, and reports whether its role may use
+the reserved slots that let it back in when everything else is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from pgrelief.errors import ConnectFailed, ServerRefused
+from pgrelief.observe import connect
+
+log = logging.getLogger(__name__)
+
+APPLICATION_NAME = "pgrelief"
+STATEMENT_TIMEOUT = "5s"
+LOCK_TIMEOUT = "1s"
+
+_LIFELINE_QUERY = sql.SQL(
+    """
+    select current_user::text,
+           r.rolsuper,
+           current_setting('server_version_num')::int,
+           current_setting('superuser_reserved_connections')::int,
+           coalesce(current_setting('reserved_connections', true), '0')::int,
+           coalesce((select pg_has_role(current_user, g.oid, 'USAGE')
+                       from pg_roles g where g.rolname = 'pg_use_reserved_connections'), false)
+      from pg_roles r
+     where r.rolname = current_user
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Lifeline:
+    """Whether our role can still get in when ordinary clients are refused."""
+
+    role: str
+    is_superuser: bool
+    may_use_reserved_role: bool  # PG16+: member of pg_use_reserved_connections
+    superuser_reserved_connections: int
+    reserved_connections: int
+    version_num: int
+
+    @property
+    def reserved_slots_for_us(self) -> int:
+        if self.is_superuser:
+            return self.superuser_reserved_connections + self.reserved_connections
+        if self.may_use_reserved_role:
+            return self.reserved_connections
+        return 0
+
+    def advice(self) -> list[str]:
+        """What to grant or set so the next reconnect during an outage succeeds."""
+        if self.reserved_slots_for_us > 0:
+            return []
+        role = sql_ident_text(self.role)
+        if self.version_num >= 160000:
+            lines = [f"GRANT pg_use_reserved_connections TO {role};"]
+            if self.reserved_connections == 0:
+                lines.append("ALTER SYSTEM SET reserved_connections = '3';  -- needs a restart")
+            return lines
+        return [
+            f"-- PostgreSQL {self.version_num // 10000} has no reserved slots for "
+            "non-superusers (pg_use_reserved_connections is PG16+): keep pgrelief's "
+            "connection open, or run it as a superuser"
+        ]
+
+    def summary(self) -> str:
+        slots = self.reserved_slots_for_us
+        if slots:
+            return f"role {self.role!r} can use {slots} reserved slot(s) when the server is full"
+        return f"role {self.role!r} cannot use any reserved slot when the server is full"
+
+
+def sql_ident_text(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class ManagedConnection:
+    """The persistent autocommit connection, reopened with exponential backoff when lost."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        statement_timeout: str = STATEMENT_TIMEOUT,
+        lock_timeout: str = LOCK_TIMEOUT,
+        reconnect_within_s: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._statement_timeout = statement_timeout
+        self._lock_timeout = lock_timeout
+        self._reconnect_within_s = reconnect_within_s
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self.lifeline: Lifeline | None = None
+
+    def get(self) -> psycopg.Connection[tuple[object, ...]]:
+        """The open connection, reconnecting first when it was closed or broken."""
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        self._drop()
+        retrying = Retrying(
+            retry=retry_if_exception_type((ServerRefused, ConnectFailed)),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            stop=stop_after_delay(self._reconnect_within_s),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                self._conn = self._open()
+        assert self._conn is not None
+        return self._conn
+
+    def _open(self) -> psycopg.Connection[tuple[object, ...]]:
+        conn = connect(self._dsn, application_name=APPLICATION_NAME)
+        conn.autocommit = True
+        conn.execute(
+            sql.SQL(
+                "select set_config('statement_timeout', {}, false),"
+                " set_config('lock_timeout', {}, false)"
+            ).format(sql.Literal(self._statement_timeout), sql.Literal(self._lock_timeout))
+        )
+        row = conn.execute(_LIFELINE_QUERY).fetchone()
+        if row is not None:
+            self.lifeline = Lifeline(
+                role=str(row[0]),
+                is_superuser=bool(row[1]),
+                version_num=int(str(row[2])),
+                superuser_reserved_connections=int(str(row[3])),
+                reserved_connections=int(str(row[4])),
+                may_use_reserved_role=bool(row[5]),
+            )
+            if self.lifeline.reserved_slots_for_us == 0:
+                log.warning(
+                    "%s; fix: %s", self.lifeline.summary(), " ".join(self.lifeline.advice())
+                )
+        return conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                log.debug("closing a broken connection failed", exc_info=True)
+        self._conn = None
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> ManagedConnection:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
