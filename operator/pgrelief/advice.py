@@ -1,0 +1,454 @@
+"""Builders of the fix texts a diagnosis hands to people: SQL, pgbouncer.ini, ORM pool settings.
+
+Every text here is meant to be copied into psql, a config file or application settings as is,
+during an incident. So names and values are quoted the way PostgreSQL (or PgBouncer) reads
+them back, a role called ``we"ird role`` included, and terminate statements re-check what
+was observed so that pasting them a minute late cannot kill the wrong session.
+
+These are display texts built without a server: the I/O modules that execute SQL compose it
+with ``psycopg.sql`` instead. The numbers (pool sizes, limits) come from ``sizing``; this
+module only words them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from pgrelief.snapshot import Session
+
+SQLALCHEMY = "sqlalchemy"
+DJANGO = "django"
+RAILS = "rails"
+HIKARICP = "hikaricp"
+STACKS: tuple[str, ...] = (SQLALCHEMY, DJANGO, RAILS, HIKARICP)
+
+# Statements listed pid by pid beyond this get unwieldy to paste; the rest is covered by a
+# pattern statement that re-checks state and age instead.
+MAX_LISTED = 100
+QUERY_SAMPLE_CHARS = 80  # the domain reference's left(query, 80)
+
+# PostgreSQL's reserved key words (and the role specifications that are not names): an
+# unquoted identifier equal to one of these would not parse as a name.
+_RESERVED = frozenset(
+    """all analyse analyze and any array as asc asymmetric authorization binary both case cast
+    check collate collation column concurrently constraint create cross current_catalog
+    current_date current_role current_schema current_time current_timestamp current_user default
+    deferrable desc distinct do else end except false fetch for foreign freeze from full grant
+    group having ilike in initially inner intersect into is isnull join lateral leading left
+    like limit localtime localtimestamp natural not notnull null offset on only or order outer
+    overlaps placing primary references returning right select session_user similar some
+    symmetric system_user table tablesample then to trailing true union unique user using
+    variadic verbose when where window with public none""".split()  # noqa: SIM905
+)
+_SIMPLE_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
+_PGBOUNCER_BARE = re.compile(r"[0-9A-Za-z_.-]+")
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as an SQL identifier: bare when PostgreSQL reads it back unchanged, else quoted.
+
+    Quoting doubles embedded double quotes; mixed case, spaces, unicode and key words are
+    quoted so ``ALTER ROLE`` names exactly the role that was observed.
+    """
+    if _SIMPLE_IDENT.fullmatch(name) and name not in _RESERVED and len(name) < 64:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """``value`` as an SQL string literal, correct whatever standard_conforming_strings says.
+
+    Single quotes are doubled; a value with a backslash becomes an ``E''`` literal with the
+    backslashes doubled, as PostgreSQL's own ``quote_literal`` does.
+    """
+    quoted = value.replace("'", "''")
+    if "\\" in value:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+def timestamp_literal(moment: datetime) -> str:
+    """A timestamptz literal that compares equal to the server's value, microseconds included."""
+    return quote_literal(moment.isoformat(sep=" ")) + "::timestamptz"
+
+
+def pg_duration_setting(seconds: float) -> str:
+    """``seconds`` as a PostgreSQL time setting value (``'60s'``, ``'5min'``, ``'250ms'``)."""
+    milliseconds = round(seconds * 1000)
+    if milliseconds % 1000:
+        return f"{milliseconds}ms"
+    whole = milliseconds // 1000
+    if whole and whole % 3600 == 0:
+        return f"{whole // 3600}h"
+    if whole and whole % 60 == 0:
+        return f"{whole // 60}min"
+    return f"{whole}s"
+
+
+def query_sample(query: str, length: int = QUERY_SAMPLE_CHARS) -> str:
+    """The start of a query on one line, like the domain reference's ``left(query, 80)``."""
+    return " ".join(query.split())[:length]
+
+
+# --- SQL ---------------------------------------------------------------------------------
+
+DIAGNOSTIC_QUERIES = """-- Connection state breakdown
+select state, count(*) as cnt
+from pg_stat_activity
+where backend_type = 'client backend'
+group by state
+order by cnt desc;
+
+-- Connections by user and application
+select usename, application_name, state, count(*)
+from pg_stat_activity
+where backend_type = 'client backend'
+group by usename, application_name, state
+order by count(*) desc;
+
+-- Longest-running idle connections (potential leaks)
+select pid, usename, application_name, client_addr,
+state, state_change,
+now() - state_change as idle_duration,
+left(query, 80) as last_query
+from pg_stat_activity
+where state = 'idle'
+and backend_type = 'client backend'
+order by state_change asc
+limit 20;"""
+
+LOCK_WAITERS_QUERY = """-- Who blocks whom: sessions waiting on a lock and the pids holding it
+select pid, usename, application_name, pg_blocking_pids(pid) as blocked_by,
+       now() - query_start as waiting_for, left(query, 80) as query
+from pg_stat_activity
+where wait_event_type = 'Lock'
+order by query_start;"""
+
+
+def signal_sql(sessions: Sequence[Session], *, cancel: bool = False) -> str:
+    """``pg_terminate_backend`` (or ``pg_cancel_backend``) for exactly these observed sessions.
+
+    Each session is matched on pid, backend_start, state and state_change as observed (for a
+    cancel: query_start instead of state_change, so only the same query is cancelled): a
+    reused pid, or a session that has since run another statement, no longer matches. Sessions
+    whose dump lacked those timestamps fall back to pid and state.
+    """
+    function = "pg_cancel_backend" if cancel else "pg_terminate_backend"
+    label = "cancelled" if cancel else "terminated"
+    moment = "query_start" if cancel else "state_change"
+    precise: list[str] = []
+    loose: dict[str, list[int]] = {}
+    for session in sessions:
+        changed = session.query_start if cancel else session.state_change
+        state = session.state_key
+        if session.backend_start is not None and changed is not None:
+            precise.append(
+                f"    ({session.pid}, {timestamp_literal(session.backend_start)}, "
+                f"{quote_literal(state)}, {timestamp_literal(changed)})"
+            )
+        else:
+            loose.setdefault(state, []).append(session.pid)
+    statements: list[str] = []
+    if precise:
+        statements.append(
+            f"select pid, {function}(pid) as {label}\n"
+            "from pg_stat_activity\n"
+            "where backend_type = 'client backend'\n"
+            f"  and (pid, backend_start, state, {moment}) in (values\n"
+            + ",\n".join(precise)
+            + "\n  );"
+        )
+    for state, pids in loose.items():
+        statements.append(
+            "-- no timestamps were observed for these: matched on pid and state only\n"
+            f"select pid, {function}(pid) as {label}\n"
+            "from pg_stat_activity\n"
+            f"where backend_type = 'client backend' and state = {quote_literal(state)}\n"
+            f"  and pid in ({', '.join(str(pid) for pid in pids)});"
+        )
+    return "\n".join(statements)
+
+
+def pattern_signal_sql(
+    states: Sequence[str],
+    age_column: str,
+    min_age_s: float,
+    *,
+    filters: Mapping[str, str | None] | None = None,
+    cancel: bool = False,
+) -> str:
+    """A terminate (or cancel) by pattern: state, minimum age and optional column filters.
+
+    For when too many sessions match to list them: it re-checks state and age at execution
+    time, so a session that became active or a freshly reused pid is not touched. A filter
+    value of ``None`` matches NULL (``client_addr`` of a Unix-socket client).
+    """
+    function = "pg_cancel_backend" if cancel else "pg_terminate_backend"
+    label = "cancelled" if cancel else "terminated"
+    if len(states) == 1:
+        state_clause = f"state = {quote_literal(states[0])}"
+    else:
+        state_clause = f"state in ({', '.join(quote_literal(s) for s in states)})"
+    lines = [
+        f"select pid, {function}(pid) as {label}",
+        "from pg_stat_activity",
+        "where backend_type = 'client backend'",
+        "  and pid <> pg_backend_pid()",
+        f"  and {state_clause}",
+        f"  and {age_column} < now() - interval '{int(min_age_s)} seconds'",
+    ]
+    for column, value in (filters or {}).items():
+        if value is None:
+            lines.append(f"  and {column} is null")
+        else:
+            lines.append(f"  and {column} = {quote_literal(value)}")
+    return "\n".join(lines) + ";"
+
+
+def alter_role_connection_limit(role: str, limit: int) -> str:
+    return f"alter role {quote_ident(role)} connection limit {limit};"
+
+
+def alter_database_connection_limit(database: str, limit: int) -> str:
+    return f"alter database {quote_ident(database)} connection limit {limit};"
+
+
+def alter_role_set(role: str, setting: str, value: str) -> str:
+    """A per-role default; it applies to the role's sessions that start after it."""
+    return f"alter role {quote_ident(role)} set {setting} = {quote_literal(value)};"
+
+
+def alter_system_set(settings: Sequence[tuple[str, str]], *, reload: bool = True) -> str:
+    lines = [f"alter system set {name} = {quote_literal(value)};" for name, value in settings]
+    if reload:
+        lines.append("select pg_reload_conf();")
+    return "\n".join(lines)
+
+
+# --- PgBouncer ------------------------------------------------------------------------------
+
+LISTEN = "LISTEN"
+ADVISORY_LOCK = "advisory lock"
+PREPARE = "PREPARE"
+SESSION_SET = "session-level SET"
+TEMP_TABLE = "temporary table"
+HOLD_CURSOR = "WITH HOLD cursor"
+
+_ADVISORY = re.compile(r"pg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.IGNORECASE)
+_SET = re.compile(r"set\s+(?!local\b|transaction\b|constraints\b)", re.IGNORECASE)
+_TEMP = re.compile(r"create\s+(?:global\s+|local\s+)?temp(?:orary)?\s+table", re.IGNORECASE)
+_HOLD = re.compile(r"declare\s.*\swith\s+hold\s", re.IGNORECASE | re.DOTALL)
+
+
+def session_feature(query: str) -> str | None:
+    """The session-level feature a last statement shows, which PgBouncer's transaction mode breaks.
+
+    LISTEN, session advisory locks (the ``_xact_`` variants are fine), SQL ``PREPARE``, a
+    ``SET`` that is not ``SET LOCAL``, temporary tables and ``WITH HOLD`` cursors all outlive a
+    transaction. Only the last statement is visible in pg_stat_activity, so this is evidence,
+    not proof of absence.
+    """
+    head = query.lstrip()[:64].lower()
+    if head.startswith("listen"):
+        return LISTEN
+    if "advisory_lock" in query and _ADVISORY.search(query):
+        return ADVISORY_LOCK
+    if head.startswith("prepare "):
+        return PREPARE
+    if head.startswith("set ") and _SET.match(head):
+        return SESSION_SET
+    if head.startswith("create ") and _TEMP.match(head):
+        return TEMP_TABLE
+    if head.startswith("declare ") and _HOLD.match(query.lstrip()):
+        return HOLD_CURSOR
+    return None
+
+
+def _pgbouncer_key(name: str) -> str:
+    if _PGBOUNCER_BARE.fullmatch(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _pgbouncer_value(value: str) -> str:
+    if value and " " not in value and "'" not in value:
+        return value
+    return "'" + value.replace("'", "''") + "'"
+
+
+def pgbouncer_ini(
+    *,
+    pool_mode: str,
+    default_pool_size: int,
+    reserve_pool_size: int,
+    max_client_conn: int,
+    max_db_connections: int | None = None,
+    databases: Sequence[str] = ("mydb",),
+    session_pools: Mapping[str, int] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 5432,
+    notes: Sequence[str] = (),
+) -> str:
+    """A pgbouncer.ini fragment in the domain reference's shape, sized and commented.
+
+    ``session_pools`` maps a database to the pool size of an extra ``<db>_session`` entry in
+    session mode, for the clients that need session features while the rest share
+    ``pool_mode`` (per-database ``pool_mode`` overrides the global one).
+    """
+    if pool_mode not in ("transaction", "session", "statement"):
+        raise ValueError(f"unknown PgBouncer pool_mode {pool_mode!r}")
+    lines = ["; PgBouncer config — /etc/pgbouncer/pgbouncer.ini (sized by pgrelief)"]
+    lines.extend(f"; {note}" for note in notes)
+    lines += ["[databases]", "; point host= at your PostgreSQL server"]
+    target = f"host={_pgbouncer_value(host)} port={port}"
+    for database in databases or ("mydb",):
+        lines.append(f"{_pgbouncer_key(database)} = {target} dbname={_pgbouncer_value(database)}")
+    for database, size in (session_pools or {}).items():
+        lines.append(
+            f"{_pgbouncer_key(database + '_session')} = {target} "
+            f"dbname={_pgbouncer_value(database)} pool_mode=session pool_size={max(size, 1)}"
+        )
+    lines += [
+        "",
+        "[pgbouncer]",
+        "listen_addr = 0.0.0.0",
+        "listen_port = 6432",
+        "auth_type = md5",
+        "auth_file = /etc/pgbouncer/userlist.txt",
+        "",
+        (
+            "; Transaction pooling — connections returned after each transaction"
+            if pool_mode == "transaction"
+            else f"; {pool_mode.capitalize()} pooling — see the notes above for why"
+        ),
+        f"pool_mode = {pool_mode}",
+        "",
+        "; Max connections PgBouncer opens to PostgreSQL (per database/user pair)",
+        f"default_pool_size = {default_pool_size}",
+        "",
+        "; Extra connections allowed during traffic spikes",
+        f"reserve_pool_size = {reserve_pool_size}",
+        "reserve_pool_timeout = 3",
+    ]
+    if max_db_connections is not None:
+        lines += [
+            "",
+            "; Hard cap per database across all users, so the pools never exceed usable slots",
+            f"max_db_connections = {max_db_connections}",
+        ]
+    lines += [
+        "",
+        "; Max client connections PgBouncer accepts",
+        f"max_client_conn = {max_client_conn}",
+        "",
+        "; Close server connections that have been idle this long",
+        "server_idle_timeout = 300",
+        "",
+        "; Force-close server connections after this lifetime",
+        "server_lifetime = 3600",
+        "",
+        "; Log connections/disconnections for leak debugging",
+        "log_connections = 1",
+        "log_disconnections = 1",
+    ]
+    return "\n".join(lines)
+
+
+# --- ORM pools ---------------------------------------------------------------------------------
+
+
+_RAILS = re.compile(r"rails|puma|sidekiq|activerecord|(?<!g)unicorn")  # gunicorn is Python
+
+
+def guess_stack(application_name: str) -> str | None:
+    """The client stack an application_name suggests, or None when it says nothing."""
+    name = application_name.lower()
+    if not name:
+        return None
+    if name == "postgresql jdbc driver" or any(w in name for w in ("hikari", "jdbc", "spring")):
+        return HIKARICP
+    if _RAILS.search(name):
+        return RAILS
+    if any(word in name for word in ("django", "gunicorn", "celery")):
+        return DJANGO
+    if any(word in name for word in ("sqlalchemy", "alembic")):
+        return SQLALCHEMY
+    return None
+
+
+def orm_pool_settings(stack: str, pool_size: int, application: str | None = None) -> str:
+    """Pool settings for ``stack`` capping one application instance at ``pool_size``.
+
+    Each also turns on the leak detection / connection recycling the domain reference names
+    (pool_pre_ping + pool_recycle, CONN_MAX_AGE + health checks, reaping, leakDetectionThreshold).
+    """
+    size = max(pool_size, 1)
+    who = f" for {application!r}" if application else ""
+    if stack == SQLALCHEMY:
+        overflow = size // 5
+        return (
+            f"# SQLAlchemy{who}: at most {size} connections per process "
+            "(pool_size + max_overflow)\n"
+            "engine = create_engine(\n"
+            "    DATABASE_URL,\n"
+            f"    pool_size={size - overflow},\n"
+            f"    max_overflow={overflow},\n"
+            "    pool_timeout=30,\n"
+            "    pool_recycle=1800,  # replace connections older than 30 min\n"
+            "    pool_pre_ping=True,  # test a pooled connection before use\n"
+            ")\n"
+            "# and always check connections out with a context manager: "
+            "`with engine.connect() as conn:` / `with Session(engine) as session:`"
+        )
+    if stack == DJANGO:
+        return (
+            f"# Django{who} (settings.py): one connection per worker thread; keep "
+            f"workers × threads per instance at or below {size}\n"
+            'DATABASES["default"]["CONN_MAX_AGE"] = 300  # reconnect after 5 min\n'
+            'DATABASES["default"]["CONN_HEALTH_CHECKS"] = True  # Django 4.1+: ping before reuse\n'
+            "# Django 5.1+ with psycopg 3 may pool instead (then CONN_MAX_AGE must be 0):\n"
+            '# DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, '
+            f'"max_size": {size}, "max_idle": 300}}}}'
+        )
+    if stack == RAILS:
+        return (
+            f"# Rails ActiveRecord{who} (config/database.yml): pool is per process; "
+            f"keep it at RAILS_MAX_THREADS / Sidekiq concurrency, at most {size}\n"
+            "production:\n"
+            f"  pool: {size}\n"
+            "  checkout_timeout: 5\n"
+            "  idle_timeout: 300  # close connections idle in the pool for 5 min\n"
+            "  reaping_frequency: 60  # reclaim connections of dead threads every 60 s"
+        )
+    if stack == HIKARICP:
+        return (
+            f"# HikariCP{who} (Spring Boot application.properties; plain Hikari: "
+            "maximumPoolSize, minimumIdle, ...)\n"
+            f"spring.datasource.hikari.maximum-pool-size={size}\n"
+            f"spring.datasource.hikari.minimum-idle={max(1, size // 4)}\n"
+            "spring.datasource.hikari.idle-timeout=600000\n"
+            "spring.datasource.hikari.max-lifetime=1800000\n"
+            "spring.datasource.hikari.keepalive-time=300000\n"
+            "spring.datasource.hikari.leak-detection-threshold=60000\n"
+            "spring.datasource.hikari.connection-timeout=30000"
+        )
+    raise ValueError(f"unknown stack {stack!r}; expected one of {', '.join(STACKS)}")
+
+
+def orm_pool_settings_brief(pool_size: int, application: str | None = None) -> str:
+    """All four stacks in one line each, for an application whose stack is unknown."""
+    size = max(pool_size, 1)
+    who = f" for {application!r}" if application else ""
+    return (
+        f"# Stack unknown{who}: cap each instance at {size} connections and turn on leak "
+        "detection in whichever pool it uses\n"
+        f"# SQLAlchemy: create_engine(url, pool_size={size - size // 5}, "
+        f"max_overflow={size // 5}, pool_recycle=1800, pool_pre_ping=True)\n"
+        f'# Django:     DATABASES["default"].update(CONN_MAX_AGE=300, CONN_HEALTH_CHECKS=True)'
+        f"  # workers × threads <= {size}\n"
+        f"# Rails:      database.yml pool: {size}, idle_timeout: 300, reaping_frequency: 60\n"
+        f"# HikariCP:   maximumPoolSize={size}, leakDetectionThreshold=60000, "
+        "maxLifetime=1800000"
+    )
