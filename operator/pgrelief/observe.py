@@ -1,0 +1,328 @@
+"""Observe a live server: one ``Snapshot`` from one statement, plus a connect that explains itself.
+
+pgrelief observes servers that are in trouble, often through one of the last reserved slots, so
+a snapshot is a single statement (one round trip, a few milliseconds of server time with
+hundreds of backends) and every age in it is measured on the server's clock at one instant
+(``clock_timestamp()`` captured once), never on this machine's. Connection failures become
+one-line ``ConnectFailed`` / ``ServerRefused`` errors: a server refusing us for lack of slots is
+the incident itself and must be reported as such, not as a crash.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
+from pgrelief.snapshot import (
+    CLIENT_BACKEND,
+    DatabaseInfo,
+    RoleInfo,
+    ServerFacts,
+    Session,
+    Setting,
+    Snapshot,
+)
+
+DEFAULT_CONNECT_TIMEOUT_S = 10
+
+# The settings the diagnosis and the advice read. Asked for by name, so a setting a version
+# lacks (reserved_connections before 16, idle_session_timeout before 14) is simply absent.
+SETTINGS: tuple[str, ...] = (
+    "max_connections",
+    "superuser_reserved_connections",
+    "reserved_connections",
+    "shared_buffers",
+    "work_mem",
+    "hash_mem_multiplier",
+    "maintenance_work_mem",
+    "autovacuum_work_mem",
+    "temp_buffers",
+    "effective_cache_size",
+    "huge_pages",
+    "autovacuum_max_workers",
+    "max_worker_processes",
+    "max_parallel_workers",
+    "max_parallel_workers_per_gather",
+    "max_wal_senders",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "transaction_timeout",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+    "tcp_user_timeout",
+    "client_connection_check_interval",
+    "track_activity_query_size",
+    "log_connections",
+    "log_disconnections",
+    "server_version_num",
+)
+
+# One statement, one round trip, one instant. The volatile clock CTE is evaluated once and
+# every age is computed against it from the server's own timestamps. The side tables travel as
+# compact JSON arrays so their different shapes fit in one result row (JSON also renders
+# timestamptz as ISO 8601 whatever the session's DateStyle).
+SNAPSHOT_QUERY = """
+with clock as materialized (select clock_timestamp() as taken_at)
+select c.taken_at,
+       current_setting('server_version_num')::int,
+       pg_backend_pid(),
+       (select coalesce(json_agg(json_build_array(
+                   a.pid, a.backend_type, a.state, a.usename, a.datname, a.application_name,
+                   host(a.client_addr), a.client_port,
+                   a.backend_start, a.xact_start, a.query_start, a.state_change,
+                   a.wait_event_type, a.wait_event, a.query, a.leader_pid, r.rolsuper)), '[]')
+          from pg_stat_activity a
+          left join pg_roles r on r.oid = a.usesysid),
+       (select coalesce(json_agg(json_build_array(s.name, s.setting, s.unit, s.context)), '[]')
+          from pg_settings s
+         where s.name = any(%s)),
+       (select coalesce(json_agg(json_build_array(
+                   r.rolname, r.rolconnlimit, r.rolsuper, r.rolcanlogin, r.rolconfig)), '[]')
+          from pg_roles r
+         where r.rolname !~ '^pg_'),
+       (select coalesce(json_agg(json_build_array(d.datname, d.datconnlimit, d.datallowconn)),
+                        '[]')
+          from pg_database d)
+  from clock c
+"""
+
+# PostgreSQL's texts for SQLSTATE 53300. libpq reports a refused startup as text only (no
+# SQLSTATE reaches the client), so the message is all there is to tell "full" from "broken".
+_REFUSED = re.compile(
+    r"sorry, too many clients already"
+    r"|remaining connection slots are reserved"
+    r"|too many connections for (?:role|database)",
+    re.IGNORECASE,
+)
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+_QUOTED = re.compile(r'"([^"]*)"')
+# libpq quotes option *names* after these; anything else it quotes may be a value.
+_NAMES_ONLY = ("invalid connection option ", "invalid URI query parameter: ")
+
+
+def connect(
+    dsn: str,
+    *,
+    application_name: str = "pgrelief",
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_S,
+    autocommit: bool = True,
+) -> psycopg.Connection[TupleRow]:
+    """Open a connection, or raise ``ServerRefused`` / ``ConnectFailed`` with a one-line message.
+
+    The messages name the target without its password. ``application_name`` and
+    ``connect_timeout`` are defaults: values in ``dsn`` win.
+    """
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as bad:
+        raise ConnectFailed("the given DSN", f"invalid connection string: {_redact(bad)}") from None
+    target = describe_dsn(dsn)
+    params.setdefault("application_name", application_name)
+    params.setdefault("connect_timeout", connect_timeout)
+    try:
+        return psycopg.connect(make_conninfo("", **params), autocommit=autocommit)
+    except psycopg.OperationalError as failure:
+        attempts = _server_lines(str(failure))
+        refused = [line for line in attempts if _REFUSED.search(line)]
+        if refused:
+            raise ServerRefused(target, _strip_severity(refused[-1])) from None
+        raise ConnectFailed(target, "; ".join(attempts) or "connection failed") from None
+    except psycopg.Error as failure:
+        raise ConnectFailed(target, _redact(failure)) from None
+
+
+def describe_dsn(dsn: str) -> str:
+    """The connection string without secrets, for messages and logs."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the given DSN"
+    shown = make_conninfo("", **{k: v for k, v in params.items() if k not in _SECRET_KEYS})
+    return shown or "the default server (PG* environment)"
+
+
+def take_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
+    """One observation: sessions, settings, role and database limits, at one server instant.
+
+    ``conn`` must not be inside a transaction: PostgreSQL freezes pg_stat_activity for the rest
+    of a transaction once read, so a second snapshot there would silently repeat the first.
+    """
+    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        raise ValueError("take_snapshot needs a connection that is not inside a transaction")
+    try:
+        row = conn.execute(SNAPSHOT_QUERY, (list(SETTINGS),)).fetchone()
+        if not conn.autocommit:
+            conn.rollback()
+    except psycopg.OperationalError as failure:
+        raise ConnectFailed(
+            describe_dsn(conn.info.dsn), f"lost while observing: {_one_line(failure)}"
+        ) from None
+    except psycopg.Error as failure:
+        raise PgreliefError(f"the snapshot query failed: {_one_line(failure)}") from None
+    assert row is not None  # a select without where returns exactly one row
+    return _build(row)
+
+
+def _build(row: Sequence[Any]) -> Snapshot:
+    taken_at, version_num, own_pid, activity, settings_rows, role_rows, database_rows = row
+    settings = {
+        name: Setting(name=name, setting=value, unit=unit, context=context)
+        for name, value, unit, context in settings_rows
+    }
+
+    def number(name: str, default: int) -> int:
+        found = settings.get(name)
+        return found.as_int() if found is not None else default
+
+    server = ServerFacts(
+        version_num=int(version_num),
+        max_connections=number("max_connections", 100),
+        superuser_reserved_connections=number("superuser_reserved_connections", 3),
+        reserved_connections=number("reserved_connections", 0),
+        settings=settings,
+    )
+    roles = {
+        name: RoleInfo(
+            name=name,
+            connection_limit=int(limit),
+            is_superuser=bool(superuser),
+            can_login=bool(login),
+            config=_role_config(config),
+        )
+        for name, limit, superuser, login, config in role_rows
+    }
+    databases = {
+        name: DatabaseInfo(name=name, connection_limit=int(limit), allow_connections=bool(allow))
+        for name, limit, allow in database_rows
+    }
+    return Snapshot(
+        taken_at=taken_at,
+        server=server,
+        sessions=tuple(_session(values, taken_at) for values in activity),
+        roles=roles,
+        databases=databases,
+        own_pid=int(own_pid),
+        source="live",
+    )
+
+
+def _session(values: Sequence[Any], taken_at: datetime) -> Session:
+    (
+        pid,
+        backend_type,
+        state,
+        usename,
+        datname,
+        application_name,
+        client_addr,
+        client_port,
+        backend_start,
+        xact_start,
+        query_start,
+        state_change,
+        wait_event_type,
+        wait_event,
+        query,
+        leader_pid,
+        superuser,
+    ) = values
+    backend_start = _timestamp(backend_start)
+    xact_start = _timestamp(xact_start)
+    query_start = _timestamp(query_start)
+    state_change = _timestamp(state_change)
+    return Session(
+        pid=pid,
+        backend_type=backend_type or CLIENT_BACKEND,
+        state=state,
+        usename=usename,
+        datname=datname,
+        application_name=application_name or "",
+        client_addr=client_addr,
+        client_port=client_port,
+        backend_start=backend_start,
+        xact_start=xact_start,
+        query_start=query_start,
+        state_change=state_change,
+        wait_event_type=wait_event_type,
+        wait_event=wait_event,
+        query=query or "",
+        leader_pid=leader_pid,
+        backend_age_s=_age(taken_at, backend_start),
+        xact_age_s=_age(taken_at, xact_start),
+        query_age_s=_age(taken_at, query_start),
+        state_age_s=_age(taken_at, state_change),
+        is_superuser=superuser,
+    )
+
+
+def _age(taken_at: datetime, then: datetime | None) -> float | None:
+    # Clamped: the clock CTE may be read a moment before a backend's own timestamp.
+    return None if then is None else max((taken_at - then).total_seconds(), 0.0)
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _role_config(entries: Sequence[str] | None) -> dict[str, str]:
+    """``rolconfig`` (``{statement_timeout=30s, ...}``) as a mapping."""
+    config: dict[str, str] = {}
+    for entry in entries or ():
+        name, _, value = entry.partition("=")
+        config[name] = value
+    return config
+
+
+def _server_lines(message: str) -> list[str]:
+    """libpq's message, one line per attempted host, without the "connection failed:" prefix."""
+    lines = []
+    for raw in message.splitlines():
+        line = _one_line(raw.removeprefix("connection failed:"))
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _strip_severity(line: str) -> str:
+    """PostgreSQL's own text from a libpq line, e.g. 'sorry, too many clients already'."""
+    _, found, rest = line.partition("FATAL:")
+    return rest.strip() if found else line
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+@cache
+def _conninfo_keywords() -> frozenset[str]:
+    return frozenset(
+        option.keyword.decode() for option in pq.Conninfo.get_defaults() if option.keyword
+    )
+
+
+def _redact(error: object) -> str:
+    """A DSN parse error without the fragments it quotes, which may be (part of) a password."""
+    keywords = _conninfo_keywords()
+    text = _one_line(error)
+
+    def hide(match: re.Match[str]) -> str:
+        quoted = match.group(1)
+        if text[: match.start()].endswith(_NAMES_ONLY) or quoted in keywords or quoted == "=":
+            return match.group(0)
+        return '"…"'
+
+    return _QUOTED.sub(hide, text)
