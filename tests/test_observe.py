@@ -52,22 +52,6 @@ def observer(pg_server: EmbeddedPostgres) -> Iterator[psycopg.Connection[tuple[o
         yield conn
 
 
-def open_mix(sessions: SessionFactory) -> None:
-    """A small incident: every state, three roles, several apps, both kinds of address."""
-    for _ in range(3):
-        sessions.idle("app_backend", "web", tcp=True)
-    for _ in range(2):
-        sessions.idle("reporting", "metabase", tcp=False)
-    for _ in range(2):
-        sessions.idle_in_transaction("app_backend", "worker")
-    sessions.aborted("batch_worker", "etl", tcp=False)
-    sessions.active_sleep(300, "reporting", "report-job")
-    sessions.lock_waiter(
-        "batch_worker", "etl-lock", blocker_role="app_backend", blocker_app="migrator"
-    )
-    sessions.listener("orders", "app_backend", "notifier", tcp=False)
-
-
 def mine(snapshot: Snapshot, sessions: SessionFactory) -> list[Session]:
     pids = sessions.pids()
     return [s for s in snapshot.sessions if s.pid in pids]
@@ -76,7 +60,7 @@ def mine(snapshot: Snapshot, sessions: SessionFactory) -> list[Session]:
 def test_snapshot_counts_the_sessions_exactly(
     sessions: SessionFactory, observer: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    open_mix(sessions)
+    sessions.incident()
     snapshot = take_snapshot(observer)
 
     ours = mine(snapshot, sessions)
@@ -121,7 +105,7 @@ def test_snapshot_counts_the_sessions_exactly(
 def test_breakdown_agrees_with_the_seed_queries(
     sessions: SessionFactory, observer: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    open_mix(sessions)
+    sessions.incident()
     snapshot = take_snapshot(observer)
     # Run right after, on the same connection: every session but this one is at rest, and
     # this one is 'active' in both.
