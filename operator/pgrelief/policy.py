@@ -165,6 +165,15 @@ PoolMode = Literal["transaction", "session", "statement"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
+# Lists keyed by name: the API server itself rejects two entries for the same role/database.
+_LIST_BY_NAME: dict[str, Any] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["name"],
+}
+# Keeps the CEL rule below within the API server's cost budget.
+MAX_PGBOUNCER_PARAMETERS = 100
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -246,6 +255,21 @@ class PostgresSpec(_Model):
 class PressureSpec(_Model):
     """When the server counts as under pressure: client backends as a percent of usable slots
     (max_connections - superuser_reserved_connections - reserved_connections)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    # has(): the CRD's `default: {}` is checked against this rule as is.
+                    "rule": (
+                        "!has(self.warningPercent) || !has(self.criticalPercent) || "
+                        "self.warningPercent < self.criticalPercent"
+                    ),
+                    "message": "warningPercent must be lower than criticalPercent",
+                }
+            ]
+        }
+    )
 
     warning_percent: Percent = Field(
         default=70,
@@ -441,6 +465,26 @@ class ServerLimits(_Model):
     """Server-wide settings. Reloadable ones are applied with ALTER SYSTEM SET and
     pg_reload_conf(); restart-only ones are only ever recommended."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": (
+                        "!has(self.maxConnections) || "
+                        "(has(self.superuserReservedConnections) ? "
+                        "self.superuserReservedConnections : 0) + "
+                        "(has(self.reservedConnections) ? self.reservedConnections : 0) "
+                        "< self.maxConnections"
+                    ),
+                    "message": (
+                        "superuserReservedConnections + reservedConnections must be lower "
+                        "than maxConnections"
+                    ),
+                }
+            ]
+        }
+    )
+
     idle_in_transaction_session_timeout: MillisecondDuration | None = Field(
         default=None,
         description=(
@@ -518,10 +562,14 @@ class LimitsSpec(_Model):
     restores them when changed by hand (drift)."""
 
     roles: list[RoleLimit] = Field(
-        default_factory=list, description="Per-role limits (ALTER ROLE)."
+        default_factory=list,
+        description="Per-role limits (ALTER ROLE); one entry per role.",
+        json_schema_extra=_LIST_BY_NAME,
     )
     databases: list[DatabaseLimit] = Field(
-        default_factory=list, description="Per-database limits (ALTER DATABASE)."
+        default_factory=list,
+        description="Per-database limits (ALTER DATABASE); one entry per database.",
+        json_schema_extra=_LIST_BY_NAME,
     )
     server: ServerLimits = Field(default_factory=ServerLimits, description=ServerLimits.__doc__)
     on_delete: OnDelete = Field(
@@ -583,6 +631,18 @@ class PgBouncerSpec(_Model):
     )
     parameters: dict[str, str] = Field(
         default_factory=dict,
+        max_length=MAX_PGBOUNCER_PARAMETERS,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.all(k, !(k in "
+                    + repr(sorted(RESERVED_PGBOUNCER_KEYS)).replace('"', "'")
+                    + "))",
+                    "message": "keys pgrelief sets itself cannot be overridden: "
+                    + ", ".join(sorted(RESERVED_PGBOUNCER_KEYS)),
+                }
+            ]
+        },
         description=(
             'Further pgbouncer.ini [pgbouncer] settings, e.g. server_idle_timeout: "300". Keys '
             "pgrelief owns (pool sizes, listen address, auth, files) are rejected."
@@ -686,7 +746,9 @@ class ConnectionPolicyStatus(_Model):
         default=None, ge=0, description="metadata.generation of the spec last acted on."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, description="Current conditions; at least Ready."
+        default_factory=list,
+        description="Current conditions; at least Ready.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     pressure: Literal["healthy", "warning", "critical", "unknown"] | None = Field(
         default=None, description="Pressure level of the last diagnosis."
@@ -723,12 +785,13 @@ class ConnectionPolicyStatus(_Model):
         ge=0,
         description="Actions planned in the last cycle (performed unless DryRun).",
     )
-    originals: dict[str, str | None] | None = Field(
+    originals: dict[str, str] | None = Field(
         default=None,
         description=(
             "Values found before pgrelief first changed a limit or setting, keyed "
             "role:<name>:<setting>, database:<name>:connection_limit or system:<setting>; "
-            "restored on delete when limits.onDelete is Revert."
+            "an empty string means the setting was not set. Restored on delete when "
+            "limits.onDelete is Revert."
         ),
     )
 
