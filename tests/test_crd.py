@@ -19,8 +19,6 @@ from pgrelief.crd import CRD_FILE, crd_manifest, crd_yaml
 from pgrelief.policy import ConnectionPolicySpec, ConnectionPolicyStatus, PolicyError, validate_spec
 from pgrelief.policy_file import load_policy
 
-pytest_plugins = ["tests.fixtures.kube"]
-
 REPO = Path(__file__).resolve().parent.parent
 CRD_PATH = REPO / "crds" / CRD_FILE
 POLICY_FILES = sorted((REPO / "policies").glob("*.yaml"))
