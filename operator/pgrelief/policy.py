@@ -417,7 +417,12 @@ class RemediationSpec(_Model):
 class RoleLimit(_Model):
     """Per-role limits, applied with ALTER ROLE. An absent field is left as the server has it."""
 
-    name: Identifier = Field(description="Role name (pg_roles.rolname), exactly as in PostgreSQL.")
+    name: Identifier = Field(
+        description=(
+            "Role name (pg_roles.rolname), exactly as in PostgreSQL (case-sensitive, at most "
+            "63 bytes of UTF-8; any characters)."
+        )
+    )
     connection_limit: int | None = Field(
         default=None,
         ge=-1,
@@ -450,7 +455,10 @@ class DatabaseLimit(_Model):
     """Per-database limit, applied with ALTER DATABASE."""
 
     name: Identifier = Field(
-        description="Database name (pg_database.datname), exactly as in PostgreSQL."
+        description=(
+            "Database name (pg_database.datname), exactly as in PostgreSQL (case-sensitive, "
+            "at most 63 bytes of UTF-8; any characters)."
+        )
     )
     connection_limit: int = Field(
         ge=-1,
