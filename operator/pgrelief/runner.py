@@ -131,6 +131,7 @@ class Runner:
         self.dry_run = dry_run or policy.spec.remediation.mode == "DryRun"
         self.clock = clock
         self.state = store.load()
+        self._reported_skips: set[tuple[int, datetime | None, str]] = set()
 
     @property
     def _policy_name(self) -> str:
@@ -178,6 +179,15 @@ class Runner:
         return records
 
     def _skip_records(self, the_plan: Plan, now: datetime) -> list[AuditRecord]:
+        # A protected session matches its rule every cycle; at a 250 ms interval re-recording it
+        # would bury the real actions, so each (session, why) is reported once per runner.
+        current = {(s.pid, s.candidate.backend_start, s.why) for s in the_plan.skipped}
+        fresh = [
+            s
+            for s in the_plan.skipped
+            if (s.pid, s.candidate.backend_start, s.why) not in self._reported_skips
+        ]
+        self._reported_skips = current
         return [
             AuditRecord(
                 ts=now,
@@ -190,7 +200,7 @@ class Runner:
                 detail=skipped.why,
                 policy=self._policy_name,
             )
-            for skipped in the_plan.skipped
+            for skipped in fresh
         ]
 
     def loop(self, stop: threading.Event, *, on_cycle: Callable[[CycleReport], None]) -> None:
