@@ -409,3 +409,27 @@ def test_read_table_keeps_nulls_as_empty_cells(tmp_path: Path) -> None:
     table = read_table(path)
     assert table.columns == ("a", "b")
     assert [list(row) for row in table.rows] == [["", ""]]
+
+
+def test_settings_that_do_not_add_up(tmp_path: Path) -> None:
+    activity = tmp_path / "one.jsonl"
+    activity.write_text(
+        '{"pid": 9, "usename": "u", "state": "idle", "state_change": "2024-01-01T10:00:00+00:00"}\n'
+    )
+    settings = tmp_path / "settings.csv"
+    settings.write_text("name,setting,unit\nmax_connections,lots,\nwork_mem,4096,kB\n")
+    with pytest.raises(DumpError) as raised:
+        snapshot_from_files(activity, settings)
+    assert str(raised.value) == f"{settings}: max_connections is 'lots', not a number"
+
+    settings.write_text("name,setting,unit\nmax_connections,40,\nserver_version_num,150008,\n")
+    snapshot = snapshot_from_files(activity, settings)
+    assert [s.pid for s in snapshot.sessions] == [9]
+    assert snapshot.server.max_connections == 40
+    assert snapshot.server.version_num == 150008
+    # Taken from PostgreSQL's defaults and listed as such; reserved_connections does not
+    # exist before 16, so it is neither assumed nor counted.
+    assert "max_connections" not in snapshot.server.assumed
+    assert "superuser_reserved_connections" in snapshot.server.assumed
+    assert "reserved_connections" not in snapshot.server.assumed
+    assert snapshot.server.usable_slots == 40 - 3

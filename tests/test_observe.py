@@ -348,3 +348,26 @@ def test_describe_dsn_drops_secrets() -> None:
     )
     assert "s3cret" not in shown and "sslpassword" not in shown
     assert "host=db.example" in shown and "port=6543" in shown and "sslmode=require" in shown
+
+
+def test_a_failing_snapshot_is_a_one_line_error(
+    sessions: SessionFactory, pg_server: EmbeddedPostgres
+) -> None:
+    # A statement that cannot finish (blocked catalog, lock_timeout): the connection is fine.
+    with connect(pg_server.dsn(options="-c lock_timeout=200ms")) as observer:
+        with pg_server.connect() as locker, locker.transaction():
+            locker.execute("lock table pg_database in access exclusive mode")
+            with pytest.raises(PgreliefError) as blocked:
+                take_snapshot(observer)
+        assert not isinstance(blocked.value, ConnectFailed)
+        assert str(blocked.value).startswith("the snapshot query failed: ")
+        assert "lock timeout" in str(blocked.value)
+        assert take_snapshot(observer).own_pid == observer.info.backend_pid  # still usable
+
+        # The backend is gone: that is a connection problem, worth a reconnect.
+        sessions.admin.execute(
+            "select pg_terminate_backend(%s, 5000)", (observer.info.backend_pid,)
+        )
+        with pytest.raises(ConnectFailed, match="lost while observing") as lost:
+            take_snapshot(observer)
+        assert "\n" not in str(lost.value)

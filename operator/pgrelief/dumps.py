@@ -146,13 +146,13 @@ def snapshot_from_files(activity_path: Path, settings_path: Path | None = None) 
     settings = load_settings(settings_path) if settings_path is not None else {}
     return Snapshot(
         taken_at=activity.taken_at,
-        server=server_facts(settings),
+        server=server_facts(settings, source=str(settings_path)),
         sessions=activity.sessions,
         source=f"file {activity_path}",
     )
 
 
-def server_facts(settings: Mapping[str, Setting]) -> ServerFacts:
+def server_facts(settings: Mapping[str, Setting], source: str = "settings") -> ServerFacts:
     """Slot arithmetic from dumped settings, PostgreSQL's defaults for what is missing."""
     version = _version_num(settings)
     complete = dict(settings)
@@ -170,9 +170,7 @@ def server_facts(settings: Mapping[str, Setting]) -> ServerFacts:
         try:
             return found.as_int()
         except ValueError:
-            raise DumpError(
-                f"settings: {name} is {found.setting!r}, which is not a number"
-            ) from None
+            raise DumpError(f"{source}: {name} is {found.setting!r}, not a number") from None
 
     return ServerFacts(
         version_num=version,
@@ -328,7 +326,11 @@ def _unwrap(path: Path, document: dict[str, Any], how_to: str) -> Any:
 
     A single object that is itself a row (a one-line JSON-lines file) is a one-row table.
     """
-    lists = [value for value in document.values() if isinstance(value, list)]
+    lists = [
+        value
+        for value in document.values()
+        if isinstance(value, list) and all(isinstance(item, dict) for item in value)
+    ]
     if len(lists) == 1:
         return lists[0]
     if len(lists) > 1:

@@ -24,6 +24,9 @@ from psycopg.rows import TupleRow
 from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
 from pgrelief.snapshot import (
     CLIENT_BACKEND,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RESERVED,
+    DEFAULT_SUPERUSER_RESERVED,
     DatabaseInfo,
     RoleInfo,
     ServerFacts,
@@ -167,11 +170,11 @@ def take_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
         row = conn.execute(SNAPSHOT_QUERY, (list(SETTINGS),)).fetchone()
         if not conn.autocommit:
             conn.rollback()
-    except psycopg.OperationalError as failure:
-        raise ConnectFailed(
-            describe_dsn(conn.info.dsn), f"lost while observing: {_one_line(failure)}"
-        ) from None
     except psycopg.Error as failure:
+        if conn.broken or conn.closed:  # terminated, server gone: reconnecting may help
+            target = describe_dsn(conn.info.dsn)
+            raise ConnectFailed(target, f"lost while observing: {_one_line(failure)}") from None
+        # e.g. statement_timeout or a revoked privilege: the connection itself is fine.
         raise PgreliefError(f"the snapshot query failed: {_one_line(failure)}") from None
     assert row is not None  # a select without where returns exactly one row
     return _build(row)
@@ -190,9 +193,11 @@ def _build(row: Sequence[Any]) -> Snapshot:
 
     server = ServerFacts(
         version_num=int(version_num),
-        max_connections=number("max_connections", 100),
-        superuser_reserved_connections=number("superuser_reserved_connections", 3),
-        reserved_connections=number("reserved_connections", 0),
+        max_connections=number("max_connections", DEFAULT_MAX_CONNECTIONS),
+        superuser_reserved_connections=number(
+            "superuser_reserved_connections", DEFAULT_SUPERUSER_RESERVED
+        ),
+        reserved_connections=number("reserved_connections", DEFAULT_RESERVED),
         settings=settings,
     )
     roles = {
