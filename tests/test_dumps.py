@@ -118,7 +118,7 @@ def test_a_psql_dump_reads_back_as_the_live_snapshot(
     live_clients = {fingerprint(s) for s in live.client_sessions if s.pid not in skip}
     dump_clients = {fingerprint(s) for s in dumped.client_sessions if s.pid not in skip}
     assert live_clients == dump_clients
-    assert len(dump_clients) == 12 + 1  # the incident and the fixture's admin connection
+    assert sessions.pids() | {sessions.admin.info.backend_pid} <= {c[0] for c in dump_clients}
     by_pid = {s.pid: s for s in dumped.sessions}
     assert by_pid[live.own_pid].state == "idle"
     assert dumper.state == "active" and dumper.query.lower().startswith(
