@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import random
 
 import pytest
 
@@ -10,6 +12,7 @@ from pgrelief import advice
 from pgrelief.diagnose import (
     DiagnoseOptions,
     OptionsError,
+    _oldest_per_value,
     diagnose,
     diagnose_refusal,
 )
@@ -792,3 +795,39 @@ def test_settings_units_reach_the_memory_model() -> None:
     )
     assert "shared_buffers 128MB" in _only(d, MEMORY_OVERCOMMIT).evidence[0]
     assert MB == 1024 * 1024
+
+
+def test_oldest_per_value_over_many_chunks_matches_a_plain_max() -> None:
+    # More sessions than one chunk, and values seen only among the youngest sessions, so the
+    # chunked search has to walk every chunk; None ages are skipped.
+    rng = random.Random(3)
+    size = 20_000
+    users: list[str | None] = [rng.choice(["a", "b", "c", None]) for _ in range(size)]
+    hosts: list[str | None] = [f"h{rng.randrange(300)}" for _ in range(size)]
+    ages: list[float | None] = [
+        rng.uniform(0, 1e5) if rng.random() < 0.9 else None for _ in range(size)
+    ]
+    users[-1], hosts[-1], ages[-1] = "young", "young-host", 0.001
+    columns = (users, hosts)
+    distinct = [len(set(users)), len(set(hosts))]
+    found = _oldest_per_value(columns, ages, distinct)
+    for column, result in zip(columns, found, strict=True):
+        expected: dict[str | None, float] = {}
+        for value, age in zip(column, ages, strict=True):
+            if age is not None and age > expected.get(value, -1.0):
+                expected[value] = age
+        assert result == expected
+    assert found[0]["young"] == 0.001
+
+
+def test_large_snapshots_leave_the_garbage_collector_as_found() -> None:
+    sessions = many(6000, 10, IDLE, state_age=5)
+    assert gc.isenabled()
+    diagnose(snapshot(sessions, max_connections=7000))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        diagnose(snapshot(sessions, max_connections=7000))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

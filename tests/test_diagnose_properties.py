@@ -8,11 +8,14 @@ the result serializes to the JSON contract.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
+from unittest.mock import patch
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pgrelief import diagnose as diagnose_module
 from pgrelief.diagnose import DiagnoseOptions, diagnose, diagnose_refusal
 from pgrelief.diagnosis import (
     IDLE_IN_TRANSACTION,
@@ -200,3 +203,24 @@ def test_refusal_never_fails(message: str) -> None:
     assert d.status == Severity.CRITICAL
     assert d.server is None
     json.dumps(d.to_json())
+
+
+def _forced(mode: str) -> Any:
+    """Replace diagnose's cardinality choice: always fold combinations, or never."""
+
+    def choose(columns: tuple[list[Any], ...], states: list[Any]) -> Any:
+        if mode == "columns":
+            return None
+        return Counter(zip(*columns, states, strict=True))
+
+    return patch.object(diagnose_module, "_combinations", choose)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(snap=_snapshots(), options=_options())
+def test_both_counting_strategies_agree(snap: Snapshot, options: DiagnoseOptions) -> None:
+    with _forced("combinations"):
+        folded = diagnose(snap, options).to_json()
+    with _forced("columns"):
+        counted = diagnose(snap, options).to_json()
+    assert folded == counted

@@ -20,11 +20,16 @@ Counting choices (they matter for the numbers people compare with their own quer
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from itertools import compress, repeat
+from operator import attrgetter, eq, is_, is_not, itemgetter
+from typing import Any, cast
 
 from pgrelief import advice
 from pgrelief.diagnosis import (
@@ -148,156 +153,222 @@ class DiagnoseOptions:
 
 DEFAULT_OPTIONS = DiagnoseOptions()
 
-# One pass aggregates client sessions by this combination; breakdowns are folded from it.
-_ComboKey = tuple[str | None, str, str | None, str | None, str | None]
-
-
-@dataclass(slots=True)
-class _Acc:
-    count: int
-    oldest: float | None
-
-
-@dataclass(slots=True)
-class _GroupAcc:
-    count: int
-    by_state: dict[str, int]
-    oldest: float | None
+# Client sessions are taken apart into columns once (C-level attrgetter maps); every count
+# after that is a Counter over zipped columns, so nothing per-session runs in Python twice.
+USER, APP, ADDR, DB, STATE = 0, 1, 2, 3, 4
+_Key = tuple[str | None, str | None, str | None, str | None, str | None]
+_COLUMN_GETTERS = (
+    attrgetter("usename"),
+    attrgetter("application_name"),
+    attrgetter("client_addr"),
+    attrgetter("datname"),
+)
+_STATE = attrgetter("state")
+_STATE_AGE = attrgetter("state_age_s")
+_QUERY_AGE = attrgetter("query_age_s")
+_SAMPLE = 2000  # sessions sampled to decide whether combinations are few
+_GC_PAUSE_FROM = 5000  # sessions
+_PID = attrgetter("pid")
+_USENAME = attrgetter("usename")
+_APPLICATION = attrgetter("application_name")
 
 
 @dataclass(frozen=True, slots=True)
 class _Context:
-    """What the finding builders share: the snapshot, options and the one-pass aggregates."""
+    """What the finding builders share: the snapshot, options, columns and candidate lists."""
 
     snapshot: Snapshot
     options: DiagnoseOptions
     usable: int
-    clients: int  # client backends, own session included
     utilization: float
     pressure: Severity
     by_state: dict[str, int]
     breakdown: Breakdown
     own: Session | None
     others: int  # non-client backends
-    combos: dict[_ComboKey, _Acc]
+    clients: list[Session]  # client backends, own session included
+    columns: tuple[list[str | None], ...]  # USER, APP, ADDR, DB values, parallel to clients
+    states: list[str | None]  # parallel to clients
+    combos: Counter[_Key] | None  # clients per (user, app, address, database, state), if few
     idle_in_tx: list[Session]
     leaked: list[Session]
     long_running: list[Session]
     active: list[Session]
+    _cache: dict[object, Any] = field(default_factory=dict)
+
+    @property
+    def client_count(self) -> int:
+        return len(self.clients)
 
     @property
     def candidates_total(self) -> int:
         """Client backends that count for remediation sizing: ours excluded."""
-        return self.clients - (1 if self.own is not None else 0)
+        return len(self.clients) - (1 if self.own is not None else 0)
+
+    def projection(self, *indices: int) -> Counter[Any]:
+        """Client backends counted by the given key columns (USER, APP, ADDR, DB, STATE)."""
+        cache_key = ("projection", indices)
+        if cache_key not in self._cache:
+            if self.combos is not None:
+                project = itemgetter(*indices)
+                counts: Counter[Any] = Counter()
+                for key, count in self.combos.items():
+                    counts[project(key)] += count
+            elif len(indices) == 1:
+                counts = Counter(self._column(indices[0]))
+            else:
+                counts = Counter(zip(*(self._column(i) for i in indices), strict=True))
+            self._cache[cache_key] = counts
+        found: Counter[Any] = self._cache[cache_key]
+        return found
+
+    def _column(self, index: int) -> list[str | None]:
+        return self.states if index == STATE else self.columns[index]
+
+    def _beside(self, where: int, value: str | None, index: int) -> Counter[str | None]:
+        """Counts of column ``index`` among the sessions whose column ``where`` is ``value``."""
+        counts: Counter[str | None] = Counter()
+        if self.combos is not None:
+            for key, count in self.combos.items():
+                if key[where] == value:
+                    counts[key[index]] += count
+            return counts
+        column = self._column(index)
+        return Counter(compress(column, map(_equals(value), self._column(where))))
 
     def counts_excluding_own(self, index: int) -> Counter[str | None]:
-        counts: Counter[str | None] = Counter()
-        for key, acc in self.combos.items():
-            counts[key[index]] += acc.count
+        counts: Counter[str | None] = Counter(self.projection(index))
         if self.own is not None:
-            own_key = _combo_key(self.own)[index]
-            counts[own_key] -= 1
-            if counts[own_key] <= 0:
-                del counts[own_key]
+            own_value = _COLUMN_GETTERS[index](self.own)
+            counts[own_value] -= 1
+            if counts[own_value] <= 0:
+                del counts[own_value]
         return counts
 
     def addresses_of(self, index: int, value: str | None) -> int:
-        """Distinct client addresses of the sessions whose combo field ``index`` is ``value``."""
-        return len({key[2] for key in self.combos if key[index] == value}) or 1
+        """Distinct client addresses of the sessions whose column ``index`` is ``value``."""
+        return len(self._beside(index, value, ADDR)) or 1
 
-    def main_value(self, index: int, where_index: int, value: str | None) -> str | None:
-        """The most common field ``index`` among sessions whose field ``where_index`` is value."""
-        counts: Counter[str | None] = Counter()
-        for key, acc in self.combos.items():
-            if key[where_index] == value:
-                counts[key[index]] += acc.count
-        return counts.most_common(1)[0][0] if counts else None
+    def main_value(self, index: int, where: int, value: str | None) -> str | None:
+        """The most common column ``index`` value among sessions whose ``where`` is value."""
+        counts = self._beside(where, value, index)
+        if not counts:
+            return None
+        return min(counts.items(), key=lambda item: (-item[1], str(item[0])))[0]
+
+    def distinct(self, index: int) -> set[str | None]:
+        return set(self.projection(index))
+
+    def triples(self) -> set[tuple[str | None, str | None, str | None]]:
+        """Distinct (database, user, application): PgBouncer's pools and who uses them."""
+        return set(self.projection(DB, USER, APP))
 
     def distinct_roles(self) -> int:
-        return len({key[0] for key in self.combos}) or 1
+        return len(self.projection(USER)) or 1
+
+    def sessions_where(self, index: int, value: str | None) -> list[Session]:
+        """Client sessions (ours excluded) whose column ``index`` is ``value``."""
+        own = self.own
+        return [
+            s
+            for s, v in zip(self.clients, self.columns[index], strict=True)
+            if v == value and s is not own
+        ]
 
 
-def _combo_key(session: Session) -> _ComboKey:
-    return (
-        session.usename,
-        session.application_name,
-        session.client_addr,
-        session.datname,
-        session.state,
-    )
+def _equals(value: str | None) -> Callable[[str | None], bool]:
+    """A C-level equality test against ``value`` for map(), None included."""
+    # Not value.__eq__: str.__eq__(None) is NotImplemented, which is truthy.
+    return partial(is_, None) if value is None else partial(eq, value)
+
+
+def _combinations(
+    columns: tuple[list[str | None], ...], states: list[str | None]
+) -> Counter[_Key] | None:
+    """Clients per (user, application, address, database, state) when such keys are few.
+
+    Real servers have few: an application runs as one role on a handful of hosts. Folding a
+    few hundred combinations is then cheaper than counting each column; with near-unique
+    keys it is not, and the columns are counted directly (None).
+    """
+    total = len(states)
+    step = max(total // _SAMPLE, 1)
+    sample = set(zip(*(column[::step] for column in columns), states[::step], strict=True))
+    if len(sample) * 4 > min(total, _SAMPLE):
+        return None
+    combos = Counter(zip(*columns, states, strict=True))
+    return combos if len(combos) * 4 <= total else None
 
 
 def diagnose(snapshot: Snapshot, options: DiagnoseOptions = DEFAULT_OPTIONS) -> Diagnosis:
     """Diagnose one snapshot: breakdowns, pressure, and findings with their evidence and fixes."""
+    if len(snapshot.sessions) < _GC_PAUSE_FROM:
+        return _diagnose(snapshot, options)
+    # The columns and keys are hundreds of thousands of short-lived lists and tuples beside
+    # the snapshot's long-lived sessions: each collection the allocations trigger would
+    # rescan all of them (half the time at 100k sessions) and free nothing.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _diagnose(snapshot, options)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _diagnose(snapshot: Snapshot, options: DiagnoseOptions) -> Diagnosis:
     facts = snapshot.server
     usable = facts.usable_slots
     own_pid = snapshot.own_pid
-    idle_after = options.idle_after_s
-    idle_tx_after = options.idle_in_transaction_after_s
-    long_after = options.long_running_after_s
 
-    combos: dict[_ComboKey, _Acc] = {}
-    others = 0
-    clients = 0
-    own: Session | None = None
-    idle_in_tx: list[Session] = []
-    leaked: list[Session] = []
-    long_running: list[Session] = []
-    active: list[Session] = []
-    for session in snapshot.sessions:
-        if session.backend_type != CLIENT_BACKEND:
-            others += 1
-            continue
-        clients += 1
-        state = session.state
-        age = session.state_age_s
-        key = (
-            session.usename,
-            session.application_name,
-            session.client_addr,
-            session.datname,
-            state,
-        )
-        acc = combos.get(key)
-        if acc is None:
-            combos[key] = _Acc(1, age)
-        else:
-            acc.count += 1
-            if age is not None and (acc.oldest is None or age > acc.oldest):
-                acc.oldest = age
-        if session.pid == own_pid:
-            own = session
-            continue
-        if state == IDLE:
-            if age is not None and age >= idle_after:
-                leaked.append(session)
-        elif state in (ACTIVE, FASTPATH):
-            active.append(session)
-            query_age = session.query_age_s
-            if query_age is not None and query_age >= long_after:
-                long_running.append(session)
-        elif (
-            state in (STATE_IDLE_IN_TRANSACTION, STATE_ABORTED)
-            and age is not None
-            and age >= idle_tx_after
-        ):
-            idle_in_tx.append(session)
+    clients = [s for s in snapshot.sessions if s.backend_type == CLIENT_BACKEND]
+    others = len(snapshot.sessions) - len(clients)
+    own = next((s for s in clients if s.pid == own_pid), None) if own_pid is not None else None
+    columns = tuple(list(map(getter, clients)) for getter in _COLUMN_GETTERS)
+    states = list(map(_STATE, clients))
+    ages = list(map(_STATE_AGE, clients))
+    combos = _combinations(columns, states)
 
-    by_state, breakdown = _fold(combos)
+    # Candidates: C-level selection by state, then the age test on that subset only.
+    # Ages unknown (None) are never judged: there is no evidence for them.
+    def in_state(*wanted: str) -> list[Session]:
+        return list(compress(clients, map(frozenset(wanted).__contains__, states)))
+
+    def aged(
+        sessions: list[Session], getter: Callable[[Session], float | None], at_least: float
+    ) -> list[Session]:
+        return [
+            s
+            for s in sessions
+            if (age := getter(s)) is not None and age >= at_least and s is not own
+        ]
+
+    leaked = aged(in_state(IDLE), _STATE_AGE, options.idle_after_s)
+    idle_in_tx = aged(
+        in_state(STATE_IDLE_IN_TRANSACTION, STATE_ABORTED),
+        _STATE_AGE,
+        options.idle_in_transaction_after_s,
+    )
+    active = [s for s in in_state(ACTIVE, FASTPATH) if s is not own]
+    long_running = aged(active, _QUERY_AGE, options.long_running_after_s)
+
+    by_state, breakdown = _fold(columns, states, combos, ages)
     # No slot at all for ordinary roles is as full as it gets.
-    utilization = clients * 100.0 / usable if usable > 0 else 100.0
-    pressure = _pressure(utilization, clients, usable, options)
+    utilization = len(clients) * 100.0 / usable if usable > 0 else 100.0
+    pressure = _pressure(utilization, len(clients), usable, options)
     context = _Context(
         snapshot=snapshot,
         options=options,
         usable=usable,
-        clients=clients,
         utilization=utilization,
         pressure=pressure,
         by_state=by_state,
         breakdown=breakdown,
         own=own,
         others=others,
+        clients=clients,
+        columns=columns,
+        states=states,
         combos=combos,
         idle_in_tx=idle_in_tx,
         leaked=leaked,
@@ -329,7 +400,7 @@ def diagnose(snapshot: Snapshot, options: DiagnoseOptions = DEFAULT_OPTIONS) -> 
             assumed=facts.assumed,
         ),
         totals=Totals(
-            client_backends=clients,
+            client_backends=len(clients),
             utilization_percent=utilization,
             by_state=by_state,
             other_backends=others,
@@ -349,35 +420,102 @@ def _pressure(utilization: float, clients: int, usable: int, options: DiagnoseOp
     return Severity.HEALTHY
 
 
-def _fold(combos: dict[_ComboKey, _Acc]) -> tuple[dict[str, int], Breakdown]:
-    """Totals by state and the four breakdowns, from the per-combination aggregates."""
+_GROUP_DEFAULTS = ("", "", LOCAL_SOCKET, "")  # what a NULL user, address or database shows as
+
+
+def _fold(
+    columns: tuple[list[str | None], ...],
+    states: list[str | None],
+    combos: Counter[_Key] | None,
+    ages: list[float | None],
+) -> tuple[dict[str, int], Breakdown]:
+    """Totals by state and the four breakdowns with their state split and oldest age.
+
+    Counting folds the combination counts when there are few, else counts each column
+    against the states at C speed.
+    """
     totals: dict[str, int] = {}
-    tables: tuple[dict[str, _GroupAcc], ...] = ({}, {}, {}, {})
-    for key, acc in combos.items():
-        state = key[4] or NO_STATE
-        totals[state] = totals.get(state, 0) + acc.count
-        names = (key[0] or "", key[1], key[2] or LOCAL_SOCKET, key[3] or "")
-        for table, name in zip(tables, names, strict=True):
-            group = table.get(name)
+    for state, count in Counter(states).items():
+        totals[state or NO_STATE] = totals.get(state or NO_STATE, 0) + count
+    pairs: list[Iterable[tuple[tuple[str | None, str | None], int]]]
+    if combos is not None:
+        folded: list[Counter[tuple[str | None, str | None]]] = [Counter() for _ in columns]
+        for key, count in combos.items():
+            state = key[STATE]
+            for index, fold in enumerate(folded):
+                fold[key[index], state] += count
+        pairs = [fold.items() for fold in folded]
+    else:
+        pairs = [Counter(zip(column, states, strict=True)).items() for column in columns]
+    distinct = [len({value for (value, _state), _n in column_pairs}) for column_pairs in pairs]
+    oldest_raw = _oldest_per_value(columns, ages, distinct)
+    groups: list[tuple[Group, ...]] = []
+    for index, column_pairs in enumerate(pairs):
+        default = _GROUP_DEFAULTS[index]
+        tables: dict[str, _GroupAcc] = {}
+        for (value, state), count in column_pairs:
+            name = value or default
+            state_name = state or NO_STATE
+            group = tables.get(name)
             if group is None:
-                table[name] = _GroupAcc(acc.count, {state: acc.count}, acc.oldest)
-                continue
-            group.count += acc.count
-            group.by_state[state] = group.by_state.get(state, 0) + acc.count
-            if acc.oldest is not None and (group.oldest is None or acc.oldest > group.oldest):
-                group.oldest = acc.oldest
-    groups = [
-        tuple(
-            Group(
-                key=name, count=g.count, by_state=_ordered(g.by_state), oldest_state_age_s=g.oldest
+                tables[name] = _GroupAcc(count, {state_name: count}, None)
+            else:
+                group.count += count
+                group.by_state[state_name] = group.by_state.get(state_name, 0) + count
+        for value, oldest in oldest_raw[index].items():
+            group = tables[value or default]
+            if group.oldest is None or oldest > group.oldest:
+                group.oldest = oldest
+        groups.append(
+            tuple(
+                Group(name, g.count, _ordered(g.by_state), g.oldest)
+                for name, g in sorted(tables.items(), key=lambda item: (-item[1].count, item[0]))
             )
-            for name, g in sorted(table.items(), key=lambda item: (-item[1].count, item[0]))
         )
-        for table in tables
-    ]
     return _ordered(totals), Breakdown(
-        by_user=groups[0], by_application=groups[1], by_client_addr=groups[2], by_database=groups[3]
+        by_user=groups[USER],
+        by_application=groups[APP],
+        by_client_addr=groups[ADDR],
+        by_database=groups[DB],
     )
+
+
+def _oldest_per_value(
+    columns: tuple[list[str | None], ...], ages: list[float | None], distinct: list[int]
+) -> list[dict[str | None, float]]:
+    """The oldest age of each value of each column, without a Python loop over sessions.
+
+    Sessions are ordered by age (C-level sort) and taken oldest first in growing chunks; a
+    dict built over a chunk in ascending order keeps each value's oldest (last write wins),
+    and values already seen in an older chunk keep theirs. It stops once every value of every
+    column has been seen, which on real servers is within the first few thousand sessions.
+    """
+    known = list(compress(range(len(ages)), map(is_not, repeat(None), ages)))
+    known.sort(key=cast(Callable[[int], float], ages.__getitem__))
+    found: list[dict[str | None, float]] = [{} for _ in columns]
+    end = len(known)
+    chunk = 2048
+    while end > 0:
+        start = max(end - chunk, 0)
+        part = known[start:end]
+        part_ages = cast(list[float], list(map(ages.__getitem__, part)))
+        for index, column in enumerate(columns):
+            if len(found[index]) < distinct[index]:
+                newer = dict(zip(map(column.__getitem__, part), part_ages, strict=True))
+                newer.update(found[index])
+                found[index] = newer
+        if all(len(f) >= n for f, n in zip(found, distinct, strict=True)):
+            break
+        end = start
+        chunk *= 2
+    return found
+
+
+@dataclass(slots=True)
+class _GroupAcc:
+    count: int
+    by_state: dict[str, int]
+    oldest: float | None
 
 
 def _ordered(counts: dict[str, int]) -> dict[str, int]:
@@ -400,13 +538,68 @@ def _addr(value: str | None) -> str:
 
 
 def _oldest_first(sessions: Iterable[Session], age: str) -> list[Session]:
-    """Sessions sorted by the given age, oldest first; unknown ages last, then by pid."""
+    """Sessions sorted by the given age, oldest first, ties by pid; unknown ages last.
 
-    def key(session: Session) -> tuple[float, int]:
-        value: float | None = getattr(session, age)
-        return (-(value if value is not None else -1.0), session.pid)
+    Two stable C-level sorts (pid, then age descending) instead of a Python key function:
+    findings may name tens of thousands of sessions.
+    """
+    getter = attrgetter(age)
+    known = [s for s in sessions if getter(s) is not None]
+    unknown = [s for s in sessions if getter(s) is None]
+    known.sort(key=_PID)
+    known.sort(key=getter, reverse=True)  # reverse keeps equal ages in pid order
+    unknown.sort(key=_PID)
+    return known + unknown
 
-    return sorted(sessions, key=key)
+
+_USER_APP = attrgetter("usename", "application_name")
+_APP_ADDR = attrgetter("application_name", "client_addr")
+
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    """Sessions of a finding sharing a key (e.g. application and client address)."""
+
+    key: tuple[Any, ...]
+    count: int
+    oldest: Session
+    roles: list[str]  # most common first, at most 3
+    states: dict[str | None, int]
+
+
+def _buckets(
+    sessions: list[Session], key_of: Callable[[Session], tuple[Any, ...]], detail: int = 10
+) -> list[_Bucket]:
+    """Group oldest-first ``sessions`` by ``key_of``; biggest group first, ties by key.
+
+    Counting and picking each group's oldest member are C-level (Counter, dict over the
+    reversed order); only the ``detail`` biggest groups get their roles and states.
+    """
+    keys = list(map(key_of, sessions))
+    counts = Counter(keys)
+    oldest = dict(zip(reversed(keys), reversed(sessions), strict=True))
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], str(item[0])))
+    detailed = {key for key, _ in ranked[:detail]}
+    roles: dict[tuple[Any, ...], Counter[str]] = {key: Counter() for key in detailed}
+    states: dict[tuple[Any, ...], dict[str | None, int]] = {key: {} for key in detailed}
+    for (key, role), n in Counter(zip(keys, map(_USENAME, sessions), strict=True)).items():
+        if key in detailed and role:
+            roles[key][role] += n
+    for (key, state), n in Counter(zip(keys, map(_STATE, sessions), strict=True)).items():
+        if key in detailed:
+            states[key][state] = n
+    return [
+        _Bucket(
+            key=key,
+            count=count,
+            oldest=oldest[key],
+            roles=[r for r, _ in sorted(roles[key].items(), key=lambda i: (-i[1], i[0]))[:3]]
+            if key in detailed
+            else [],
+            states=states.get(key, {}),
+        )
+        for key, count in ranked
+    ]
 
 
 def _state_split(counts: dict[str, int]) -> str:
@@ -446,8 +639,11 @@ def _version_at_least(context: _Context, version_num: int) -> bool | None:
 
 
 def _roles_of(sessions: Iterable[Session], limit: int = _EVIDENCE_ROWS) -> list[str]:
-    counts = Counter(s.usename for s in sessions if s.usename)
-    return [role for role, _ in sorted(counts.items(), key=lambda i: (-i[1], i[0]))[:limit]]
+    counts = Counter(map(_USENAME, sessions))
+    counts.pop(None, None)
+    counts.pop("", None)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], str(item[0])))
+    return [str(role) for role, _ in ranked[:limit]]
 
 
 def _orm_fixes(
@@ -533,17 +729,17 @@ def _saturation(context: _Context) -> list[Finding]:
     options = context.options
     if context.pressure == Severity.HEALTHY:
         return []
-    full = context.clients >= context.usable
-    free = max(context.usable - context.clients, 0)
+    full = context.client_count >= context.usable
+    free = max(context.usable - context.client_count, 0)
     summary = (
-        f"{context.clients} client backends hold {context.utilization:.0f}% of the "
+        f"{context.client_count} client backends hold {context.utilization:.0f}% of the "
         f"{context.usable} usable connection slots"
     )
     if full:
         summary += ": new connections from ordinary roles are refused ('too many clients')"
     evidence = [
         _slot_arithmetic(context),
-        f"{context.clients} client backends = {context.utilization:.1f}% of usable slots "
+        f"{context.client_count} client backends = {context.utilization:.1f}% of usable slots "
         f"(warning at {options.warning_percent}%, critical at {options.critical_percent}%); "
         f"{free} left for ordinary roles",
         f"by state: {_state_split(context.by_state)}",
@@ -620,7 +816,7 @@ def _saturation(context: _Context) -> list[Finding]:
 def _connection_limits(context: _Context) -> list[Finding]:
     """Roles and databases at (or near) their own CONNECTION LIMIT ('too many connections for')."""
     warning = context.options.warning_percent
-    free = max(context.usable - context.clients, 0)
+    free = max(context.usable - context.client_count, 0)
     user_counts = {g.key: g.count for g in context.breakdown.by_user}
     db_counts = {g.key: g.count for g in context.breakdown.by_database}
     evidence: list[str] = []
@@ -716,18 +912,16 @@ def _idle_in_transaction(context: _Context) -> list[Finding]:
                 f"{label}: {len(part)}, oldest idle {human_age(oldest.state_age_s)}"
                 + (f", oldest transaction open {human_age(max(xact_ages))}" if xact_ages else "")
             )
-    groups: dict[tuple[str | None, str], list[Session]] = {}
-    for session in sessions:
-        groups.setdefault((session.usename, session.application_name), []).append(session)
-    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), str(item[0])))
-    for (role, application), members in ordered[:_EVIDENCE_ROWS]:
-        n_aborted = sum(1 for s in members if s.state == STATE_ABORTED)
+    buckets = _buckets(sessions, _USER_APP)
+    for bucket in buckets[:_EVIDENCE_ROWS]:
+        role, application = bucket.key
         evidence.append(
-            f"user {_name(role)}, application {_name(application)}: {len(members)} "
-            f"({n_aborted} aborted), oldest idle {human_age(members[0].state_age_s)}, "
-            f"last query: {advice.query_sample(members[0].query)!r}"
+            f"user {_name(role)}, application {_name(application)}: {bucket.count} "
+            f"({bucket.states.get(STATE_ABORTED, 0)} aborted), oldest idle "
+            f"{human_age(bucket.oldest.state_age_s)}, "
+            f"last query: {advice.query_sample(bucket.oldest.query)!r}"
         )
-    evidence.extend(_more(len(ordered), _EVIDENCE_ROWS, "user/application groups"))
+    evidence.extend(_more(len(buckets), _EVIDENCE_ROWS, "user/application groups"))
 
     fixes = [
         _terminate_fix(
@@ -798,7 +992,7 @@ def _idle_in_transaction(context: _Context) -> list[Finding]:
 
 
 def _main_applications(sessions: Iterable[Session], limit: int = 3) -> list[str]:
-    counts = Counter(s.application_name for s in sessions)
+    counts: Counter[str] = Counter(map(_APPLICATION, sessions))
     return [app for app, _ in sorted(counts.items(), key=lambda i: (-i[1], i[0]))[:limit]]
 
 
@@ -807,24 +1001,22 @@ def _leaked_idle(context: _Context) -> list[Finding]:
         return []
     threshold = context.options.idle_after_s
     sessions = _oldest_first(context.leaked, "state_age_s")
-    groups: dict[tuple[str, str | None], list[Session]] = {}
-    for session in sessions:
-        groups.setdefault((session.application_name, session.client_addr), []).append(session)
-    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0][0], item[0][1] or ""))
+    buckets = _buckets(sessions, _APP_ADDR)
     summary = (
-        f"{len(sessions)} sessions idle for ≥ {human_age(threshold)} from {len(groups)} "
+        f"{len(sessions)} sessions idle for ≥ {human_age(threshold)} from {len(buckets)} "
         "application/client group(s): the pattern of leaked connections"
     )
     evidence: list[str] = []
-    for (application, address), members in ordered[:_EVIDENCE_ROWS]:
-        oldest = members[0]
-        users = ", ".join(_name(role) for role in _roles_of(members, 3))
+    for bucket in buckets[:_EVIDENCE_ROWS]:
+        application, address = bucket.key
+        users = ", ".join(_name(role) for role in bucket.roles)
         evidence.append(
-            f"application {_name(application)} from {_addr(address)}: {len(members)} idle ≥ "
-            f"{human_age(threshold)}, oldest idle {human_age(oldest.state_age_s)}, "
-            f"user(s) {users or '(unknown)'}; last query: {advice.query_sample(oldest.query)!r}"
+            f"application {_name(application)} from {_addr(address)}: {bucket.count} idle ≥ "
+            f"{human_age(threshold)}, oldest idle {human_age(bucket.oldest.state_age_s)}, "
+            f"user(s) {users or '(unknown)'}; last query: "
+            f"{advice.query_sample(bucket.oldest.query)!r}"
         )
-    evidence.extend(_more(len(ordered), _EVIDENCE_ROWS, "groups"))
+    evidence.extend(_more(len(buckets), _EVIDENCE_ROWS, "groups"))
 
     fixes = [_terminate_fix(sessions, ("idle",), "state_change", threshold, "idle sessions")]
     keepalive_settings = [
@@ -880,7 +1072,7 @@ def _leaked_idle(context: _Context) -> list[Finding]:
             "fix the leak",
         )
     )
-    applications = [app for (app, _addr_), _members in ordered[:3]]
+    applications = [str(bucket.key[0]) for bucket in buckets[:3]]
     fixes.extend(_orm_fixes(context, applications, "leak detection and recycling"))
     return [
         Finding(
@@ -1064,19 +1256,8 @@ def _monopoly(context: _Context) -> list[Finding]:
     return findings
 
 
-def _sessions_where(context: _Context, index: int, value: str) -> list[Session]:
-    own_pid = context.snapshot.own_pid
-    return [
-        s
-        for s in context.snapshot.sessions
-        if s.backend_type == CLIENT_BACKEND
-        and s.pid != own_pid
-        and (s.usename if index == 0 else s.application_name) == value
-    ]
-
-
 def _role_monopoly(context: _Context, role: str, count: int, total: int, minimum: int) -> Finding:
-    sessions = _oldest_first(_sessions_where(context, 0, role), "backend_age_s")
+    sessions = _oldest_first(context.sessions_where(USER, role), "backend_age_s")
     active = sum(1 for s in sessions if s.state in (ACTIVE, FASTPATH))
     room = context.usable - headroom_slots(context.usable)
     half = max(1, room // 2)
@@ -1139,7 +1320,7 @@ def _role_monopoly(context: _Context, role: str, count: int, total: int, minimum
 def _application_monopoly(
     context: _Context, application: str, count: int, total: int, minimum: int
 ) -> Finding:
-    sessions = _oldest_first(_sessions_where(context, 1, application), "backend_age_s")
+    sessions = _oldest_first(context.sessions_where(APP, application), "backend_age_s")
     room = context.usable - headroom_slots(context.usable)
     share = max(1, room // 2)
     roles = _roles_of(sessions, 3)
@@ -1199,7 +1380,7 @@ def _no_pooler(context: _Context) -> list[Finding]:
         f"{total} client connections but only {active} active ({active * 100 // total}%): "
         "idle connections a pooler (PgBouncer) would share"
     )
-    addresses = len({key[2] for key in context.combos})
+    addresses = len(context.distinct(ADDR))
     evidence = [
         f"{total} client backends ≥ {threshold} and active ratio {active}/{total} < "
         f"{int(NO_POOLER_ACTIVE_RATIO * 100)}%",
@@ -1234,15 +1415,23 @@ def _no_pooler(context: _Context) -> list[Finding]:
 
 def _session_features(context: _Context) -> dict[str, dict[str, list[Session]]]:
     """Applications whose sessions' last statements show session-level features."""
+    key = "session_features"
+    if key in context._cache:
+        cached: dict[str, dict[str, list[Session]]] = context._cache[key]
+        return cached
     found: dict[str, dict[str, list[Session]]] = {}
-    own_pid = context.snapshot.own_pid
+    seen: dict[str, str | None] = {}  # many sessions run the same statement text
     feature_of = advice.session_feature
-    for session in context.snapshot.sessions:
-        if session.backend_type != CLIENT_BACKEND or session.pid == own_pid:
-            continue
-        feature = feature_of(session.query)
-        if feature is not None:
+    own = context.own
+    for session in context.clients:
+        query = session.query
+        if query in seen:
+            feature = seen[query]
+        else:
+            feature = seen[query] = feature_of(query)
+        if feature is not None and session is not own:
             found.setdefault(session.application_name, {}).setdefault(feature, []).append(session)
+    context._cache[key] = found
     return found
 
 
@@ -1264,11 +1453,15 @@ def _pgbouncer_fix(context: _Context, title: str) -> Fix:
     """A pgbouncer.ini sized from usable slots, pool mode chosen from the session features seen."""
     features = _session_features(context)
     session_apps = set(features)
-    applications = {key[1] for key in context.combos}
+    applications = context.distinct(APP)
     all_session = bool(applications) and applications <= session_apps
     pool_mode = "session" if all_session else "transaction"
-    pools = {(key[3], key[0]) for key in context.combos if key[1] not in session_apps}
-    databases = sorted({key[3] or "" for key in context.combos} - {""}) or ["mydb"]
+    pools = {
+        (database, user)
+        for database, user, application in context.triples()
+        if application not in session_apps
+    }
+    databases = sorted({d or "" for d in context.distinct(DB)} - {""}) or ["mydb"]
     session_pools: dict[str, int] = {}
     if not all_session:
         for by_feature in features.values():
@@ -1380,7 +1573,7 @@ def _memory_overcommit(context: _Context) -> list[Finding]:
         note = (
             f"-- {context.clients} client backends are connected now: put PgBouncer in front "
             "before lowering below that\n"
-            if context.clients > target
+            if context.client_count > target
             else ""
         )
         fixes.append(
