@@ -831,3 +831,17 @@ def test_large_snapshots_leave_the_garbage_collector_as_found() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_lowering_max_connections_below_current_use_says_so() -> None:
+    server_settings = settings(setting("work_mem", "65536", "kB"))  # 64MB
+    d = diagnose(
+        snapshot(many(30, 100, IDLE), max_connections=100, server_settings=server_settings),
+        DiagnoseOptions(memory_bytes=4 * GB),
+    )
+    text = _fix_text(_only(d, MEMORY_OVERCOMMIT), DURABLE_SQL, "max_connections")
+    assert text.splitlines()[:2] == [
+        "-- 30 client backends are connected now: put PgBouncer in front before lowering "
+        "below that",
+        "alter system set max_connections = '22';",
+    ]

@@ -161,6 +161,10 @@ def test_diagnose_invariants(snap: Snapshot, options: DiagnoseOptions) -> None:
             assert pid in by_pid
             assert pid != snap.own_pid
         assert finding.summary and "\n" not in finding.summary
+        # Texts stay readable: bounded lines, whatever the number of sessions.
+        assert len(finding.summary) < 300
+        assert all(len(line) < 1000 for line in finding.evidence)
+        assert all(len(fix.text) < 200 * 100 + 5000 for fix in finding.fixes)
         assert finding.severity != Severity.UNKNOWN
     for kind, states, threshold, age in (
         (LEAKED_IDLE, {"idle"}, options.idle_after_s, "state_age_s"),

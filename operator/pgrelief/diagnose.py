@@ -166,6 +166,7 @@ _COLUMN_GETTERS = (
 _STATE = attrgetter("state")
 _STATE_AGE = attrgetter("state_age_s")
 _QUERY_AGE = attrgetter("query_age_s")
+_WAIT = attrgetter("wait_event_type", "wait_event")
 _SAMPLE = 2000  # sessions sampled to decide whether combinations are few
 _GC_PAUSE_FROM = 5000  # sessions
 _PID = attrgetter("pid")
@@ -687,8 +688,8 @@ def _orm_fixes(
 
 
 def _pool_size_for(context: _Context, application: str, share: int | None) -> tuple[int, str]:
-    instances = context.addresses_of(1, application)
-    role = context.main_value(0, 1, application)
+    instances = context.addresses_of(APP, application)
+    role = context.main_value(USER, APP, application)
     if share is None:
         info = context.snapshot.roles.get(role) if role else None
         limit = info.connection_limit if info is not None else None
@@ -985,7 +986,7 @@ def _idle_in_transaction(context: _Context) -> list[Finding]:
             Severity.WARNING,
             summary,
             tuple(evidence),
-            tuple(s.pid for s in sessions),
+            tuple(map(_PID, sessions)),
             tuple(fixes),
         )
     ]
@@ -1080,7 +1081,7 @@ def _leaked_idle(context: _Context) -> list[Finding]:
             Severity.WARNING,
             summary,
             tuple(evidence),
-            tuple(s.pid for s in sessions),
+            tuple(map(_PID, sessions)),
             tuple(fixes),
         )
     ]
@@ -1145,7 +1146,7 @@ def _long_running(context: _Context) -> list[Finding]:
             Severity.WARNING,
             summary,
             tuple(evidence),
-            tuple(s.pid for s in sessions),
+            tuple(map(_PID, sessions)),
             tuple(fixes),
         )
     ]
@@ -1157,10 +1158,11 @@ def _traffic_spike(context: _Context) -> list[Finding]:
     if len(active) < threshold:
         return []
     sessions = _oldest_first(active, "query_age_s")
-    lock_waiters = sum(1 for s in active if s.wait_event_type == "Lock")
+    wait_pairs = Counter(map(_WAIT, active))
     waits = Counter(
-        f"{s.wait_event_type}:{s.wait_event}" for s in active if s.wait_event_type is not None
+        {f"{kind}:{event}": n for (kind, event), n in wait_pairs.items() if kind is not None}
     )
+    lock_waiters = sum(n for (kind, _event), n in wait_pairs.items() if kind == "Lock")
     waiting = sum(waits.values())
     share = len(active) * 100 / context.usable if context.usable else 100.0
     critical = share >= context.options.critical_percent
@@ -1217,7 +1219,7 @@ def _traffic_spike(context: _Context) -> list[Finding]:
             Severity.CRITICAL if critical else Severity.WARNING,
             summary,
             tuple(evidence),
-            tuple(s.pid for s in sessions),
+            tuple(map(_PID, sessions)),
             tuple(fixes),
         )
     ]
@@ -1232,17 +1234,17 @@ def _monopoly(context: _Context) -> list[Finding]:
     total = context.candidates_total
     minimum = max(MONOPOLY_MIN, math.ceil(context.usable * MONOPOLY_MIN_SLOTS_SHARE))
     findings: list[Finding] = []
-    user_counts = context.counts_excluding_own(0)
+    user_counts = context.counts_excluding_own(USER)
     covered_apps: set[str] = set()
     if len(user_counts) >= 2:
         for role, count in sorted(user_counts.items(), key=lambda i: (-i[1], str(i[0]))):
             if role is None or count < total * MONOPOLY_SHARE or count < minimum:
                 continue
             findings.append(_role_monopoly(context, role, count, total, minimum))
-            main_app = context.main_value(1, 0, role)
+            main_app = context.main_value(APP, USER, role)
             if main_app is not None:
                 covered_apps.add(main_app)
-    app_counts = context.counts_excluding_own(1)
+    app_counts = context.counts_excluding_own(APP)
     if len(app_counts) >= 2:
         for application, count in sorted(app_counts.items(), key=lambda i: (-i[1], str(i[0]))):
             if (
@@ -1258,7 +1260,8 @@ def _monopoly(context: _Context) -> list[Finding]:
 
 def _role_monopoly(context: _Context, role: str, count: int, total: int, minimum: int) -> Finding:
     sessions = _oldest_first(context.sessions_where(USER, role), "backend_age_s")
-    active = sum(1 for s in sessions if s.state in (ACTIVE, FASTPATH))
+    states = _state_counts(sessions)
+    active = states.get(ACTIVE, 0) + states.get(FASTPATH, 0)
     room = context.usable - headroom_slots(context.usable)
     half = max(1, room // 2)
     limit = min(max(half, math.ceil(active * 1.2)), max(room, 1))
@@ -1271,9 +1274,9 @@ def _role_monopoly(context: _Context, role: str, count: int, total: int, minimum
         f"{count} ≥ {int(MONOPOLY_SHARE * 100)}% of {total} client backends and ≥ {minimum} "
         f"= max({MONOPOLY_MIN}, {int(MONOPOLY_MIN_SLOTS_SHARE * 100)}% of {context.usable} "
         "usable slots)",
-        f"its sessions by state: {_state_split(_state_counts(sessions))}",
-        f"from {context.addresses_of(0, role)} client address(es); main application "
-        f"{_name(context.main_value(1, 0, role))}",
+        f"its sessions by state: {_state_split(states)}",
+        f"from {context.addresses_of(USER, role)} client address(es); main application "
+        f"{_name(context.main_value(APP, USER, role))}",
     ]
     fixes: list[Fix] = []
     if info is not None and info.is_superuser:
@@ -1312,7 +1315,7 @@ def _role_monopoly(context: _Context, role: str, count: int, total: int, minimum
         Severity.WARNING,
         summary,
         tuple(evidence),
-        tuple(s.pid for s in sessions),
+        tuple(map(_PID, sessions)),
         tuple(fixes),
     )
 
@@ -1333,7 +1336,7 @@ def _application_monopoly(
         f"= max({MONOPOLY_MIN}, {int(MONOPOLY_MIN_SLOTS_SHARE * 100)}% of {context.usable} "
         "usable slots)",
         f"its sessions by state: {_state_split(_state_counts(sessions))}",
-        f"from {context.addresses_of(1, application)} client address(es) as user(s) "
+        f"from {context.addresses_of(APP, application)} client address(es) as user(s) "
         + ", ".join(_name(r) for r in roles),
     ]
     fixes = [
@@ -1352,13 +1355,16 @@ def _application_monopoly(
         Severity.WARNING,
         summary,
         tuple(evidence),
-        tuple(s.pid for s in sessions),
+        tuple(map(_PID, sessions)),
         tuple(fixes),
     )
 
 
 def _state_counts(sessions: Iterable[Session]) -> dict[str, int]:
-    return _ordered(dict(Counter(s.state_key for s in sessions)))
+    counts: dict[str, int] = {}
+    for state, n in Counter(map(_STATE, sessions)).items():
+        counts[state or NO_STATE] = n
+    return _ordered(counts)
 
 
 def _no_pooler(context: _Context) -> list[Finding]:
@@ -1369,7 +1375,7 @@ def _no_pooler(context: _Context) -> list[Finding]:
     active = len(context.active)
     if total < threshold or active >= total * NO_POOLER_ACTIVE_RATIO:
         return []
-    app_counts = context.counts_excluding_own(1)
+    app_counts = context.counts_excluding_own(APP)
     pooled = sum(
         n for app, n in app_counts.items() if app and any(p in app.lower() for p in _POOLER_NAMES)
     )
@@ -1571,7 +1577,7 @@ def _memory_overcommit(context: _Context) -> list[Finding]:
     if over and safe >= minimum:
         target = min(safe, RECOMMENDED_MAX_CONNECTIONS)
         note = (
-            f"-- {context.clients} client backends are connected now: put PgBouncer in front "
+            f"-- {context.client_count} client backends are connected now: put PgBouncer in front "
             "before lowering below that\n"
             if context.client_count > target
             else ""
