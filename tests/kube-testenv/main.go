@@ -1,0 +1,430 @@
+// Command kube-testenv runs a real Kubernetes API server for pgrelief's test suite.
+//
+// It starts etcd in-process (go.etcd.io/etcd/server/v3/embed) and a kube-apiserver from
+// k8s.io/kubernetes, driven through its own command-line flags exactly as the released
+// binary would be. Everything listens on 127.0.0.1 on free ports. At start it generates a
+// CA and serving certificate, a service-account signing key and an admin token
+// (user "admin", group "system:masters"), writes a kubeconfig to --kubeconfig, and prints
+// READY on stdout once /readyz answers 200. On SIGTERM/SIGINT (or EOF on stdin with
+// --exit-on-stdin-eof) it stops the apiserver, then etcd, and removes its work directory.
+//
+// Extra kube-apiserver flags can be given after "--"; they override the defaults.
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"k8s.io/component-base/cli"
+	_ "k8s.io/component-base/logs/json/register"
+	"k8s.io/component-base/version"
+	"k8s.io/kubernetes/cmd/kube-apiserver/app"
+)
+
+type options struct {
+	kubeconfig     string
+	workDir        string
+	port           int
+	keepWorkDir    bool
+	exitOnStdinEOF bool
+	readyTimeout   time.Duration
+	verbosity      int
+}
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	var o options
+	fs := flag.NewFlagSet("kube-testenv", flag.ContinueOnError)
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "where to write the admin kubeconfig (required)")
+	fs.StringVar(&o.workDir, "work-dir", "", "directory for certs, keys and etcd data (default: a new temp dir, removed at exit)")
+	fs.IntVar(&o.port, "port", 0, "apiserver secure port on 127.0.0.1 (0: pick a free one)")
+	fs.BoolVar(&o.keepWorkDir, "keep-work-dir", false, "do not remove the work directory at exit")
+	fs.BoolVar(&o.exitOnStdinEOF, "exit-on-stdin-eof", false, "shut down when stdin is closed (parent died)")
+	fs.DurationVar(&o.readyTimeout, "ready-timeout", 120*time.Second, "give up if /readyz is not 200 by then")
+	fs.IntVar(&o.verbosity, "v", 0, "kube-apiserver log verbosity")
+	showVersion := fs.Bool("version", false, "print the Kubernetes version and exit")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		return 2
+	}
+	if *showVersion {
+		fmt.Println(version.Get().GitVersion)
+		return 0
+	}
+	if o.kubeconfig == "" {
+		fmt.Fprintln(os.Stderr, "kube-testenv: --kubeconfig is required")
+		return 2
+	}
+	code, err := serve(o, fs.Args())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kube-testenv: %v\n", err)
+		if code == 0 {
+			code = 1
+		}
+	}
+	return code
+}
+
+func serve(o options, extraArgs []string) (int, error) {
+	createdWorkDir := false
+	if o.workDir == "" {
+		d, err := os.MkdirTemp("", "kube-testenv-")
+		if err != nil {
+			return 1, err
+		}
+		o.workDir = d
+		createdWorkDir = true
+	} else if err := os.MkdirAll(o.workDir, 0o700); err != nil {
+		return 1, err
+	}
+	defer func() {
+		if createdWorkDir && !o.keepWorkDir {
+			_ = os.RemoveAll(o.workDir)
+		} else if !o.keepWorkDir {
+			_ = os.RemoveAll(filepath.Join(o.workDir, "etcd"))
+		}
+	}()
+
+	ports, err := freePorts(3)
+	if err != nil {
+		return 1, err
+	}
+	if o.port == 0 {
+		o.port = ports[0]
+	}
+	etcdClientURL := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	etcdPeerURL := fmt.Sprintf("http://127.0.0.1:%d", ports[2])
+	serverURL := fmt.Sprintf("https://127.0.0.1:%d", o.port)
+
+	pki, err := writePKI(o.workDir)
+	if err != nil {
+		return 1, fmt.Errorf("generating certificates: %w", err)
+	}
+
+	etcd, err := startEtcd(filepath.Join(o.workDir, "etcd"), etcdClientURL, etcdPeerURL)
+	if err != nil {
+		return 1, fmt.Errorf("starting etcd: %w", err)
+	}
+	defer func() {
+		etcd.Close()
+	}()
+
+	if err := writeKubeconfig(o.kubeconfig, serverURL, pki); err != nil {
+		return 1, fmt.Errorf("writing kubeconfig: %w", err)
+	}
+
+	args := []string{
+		"--etcd-servers=" + etcdClientURL,
+		"--bind-address=127.0.0.1",
+		"--advertise-address=127.0.0.1",
+		fmt.Sprintf("--secure-port=%d", o.port),
+		"--cert-dir=" + filepath.Join(o.workDir, "apiserver-certs"),
+		"--tls-cert-file=" + pki.servingCert,
+		"--tls-private-key-file=" + pki.servingKey,
+		"--client-ca-file=" + pki.caCert,
+		"--token-auth-file=" + pki.tokenFile,
+		"--authorization-mode=RBAC",
+		"--anonymous-auth=false",
+		"--service-account-issuer=" + serverURL,
+		"--service-account-key-file=" + pki.saKey,
+		"--service-account-signing-key-file=" + pki.saKey,
+		"--service-cluster-ip-range=10.0.0.0/24",
+		"--allow-privileged=true",
+		// No kube-controller-manager runs here, so nothing creates the "default"
+		// ServiceAccount of each namespace; ServiceAccount admission would reject every Pod.
+		"--disable-admission-plugins=ServiceAccount",
+		// The endpoints reconciler would write 127.0.0.1 into default/kubernetes Endpoints,
+		// which validation forbids (loopback); there is no Service network here anyway.
+		"--endpoint-reconciler-type=none",
+		"--profiling=false",
+		fmt.Sprintf("--v=%d", o.verbosity),
+	}
+	args = append(args, extraArgs...)
+
+	// kube-apiserver installs its own SIGTERM/SIGINT handler (first signal cancels its
+	// context, a second one exits the process). We only watch for the same signals to
+	// enforce a deadline on its shutdown and to clean up if it hangs.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+
+	cmd := app.NewAPIServerCommand()
+	cmd.SetArgs(args)
+	done := make(chan int, 1)
+	go func() { done <- cli.Run(cmd) }()
+
+	if o.exitOnStdinEOF {
+		go func() {
+			_, _ = io.Copy(io.Discard, os.Stdin)
+			_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
+		}()
+	}
+
+	readyCtx, cancelReady := context.WithTimeout(context.Background(), o.readyTimeout)
+	defer cancelReady()
+	readyErr := make(chan error, 1)
+	go func() { readyErr <- waitReady(readyCtx, serverURL, pki) }()
+
+	for {
+		select {
+		case err := <-readyErr:
+			if err != nil {
+				_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
+				code := awaitExit(done, 30*time.Second)
+				return max(code, 1), fmt.Errorf("apiserver not ready: %w", err)
+			}
+			fmt.Println("READY")
+			readyErr = nil
+		case code := <-done:
+			if code != 0 {
+				return code, fmt.Errorf("kube-apiserver exited with code %d", code)
+			}
+			return 0, nil
+		case <-sigs:
+			signal.Stop(sigs)
+			cancelReady()
+			return awaitExit(done, 30*time.Second), nil
+		}
+	}
+}
+
+// awaitExit waits for the apiserver command to return after it was signalled.
+func awaitExit(done <-chan int, timeout time.Duration) int {
+	select {
+	case <-done:
+		return 0
+	case <-time.After(timeout):
+		fmt.Fprintln(os.Stderr, "kube-testenv: kube-apiserver did not stop in time")
+		return 1
+	}
+}
+
+func waitReady(ctx context.Context, serverURL string, p *pkiFiles) error {
+	caPEM, err := os.ReadFile(p.caCert)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	client := &http.Client{
+		Timeout:   2 * time.Second,
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
+	}
+	var last string
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, serverURL+"/readyz", nil)
+		req.Header.Set("Authorization", "Bearer "+p.adminToken)
+		resp, err := client.Do(req)
+		if err == nil {
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			_ = resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = fmt.Sprintf("status %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %s)", ctx.Err(), last)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func startEtcd(dir, clientURL, peerURL string) (*embed.Etcd, error) {
+	cfg := embed.NewConfig()
+	cfg.Name = "kube-testenv"
+	cfg.Dir = dir
+	cu, _ := url.Parse(clientURL)
+	pu, _ := url.Parse(peerURL)
+	cfg.ListenClientUrls = []url.URL{*cu}
+	cfg.AdvertiseClientUrls = []url.URL{*cu}
+	cfg.ListenPeerUrls = []url.URL{*pu}
+	cfg.AdvertisePeerUrls = []url.URL{*pu}
+	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	cfg.LogLevel = "error"
+	cfg.LogOutputs = []string{"stderr"}
+	// Test data is thrown away at exit: skip fsync for speed.
+	cfg.UnsafeNoFsync = true
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+		return e, nil
+	case err := <-e.Err():
+		e.Close()
+		return nil, err
+	case <-time.After(60 * time.Second):
+		e.Close()
+		return nil, errors.New("etcd not ready after 60s")
+	}
+}
+
+func freePorts(n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			_ = l.Close()
+		}
+	}()
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+type pkiFiles struct {
+	caCert, caKey           string
+	servingCert, servingKey string
+	saKey                   string
+	tokenFile               string
+	adminToken              string
+	caPEM                   []byte
+}
+
+func writePKI(dir string) (*pkiFiles, error) {
+	p := &pkiFiles{
+		caCert:      filepath.Join(dir, "ca.crt"),
+		caKey:       filepath.Join(dir, "ca.key"),
+		servingCert: filepath.Join(dir, "apiserver.crt"),
+		servingKey:  filepath.Join(dir, "apiserver.key"),
+		saKey:       filepath.Join(dir, "sa.key"),
+		tokenFile:   filepath.Join(dir, "tokens.csv"),
+	}
+	now := time.Now()
+
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "kube-testenv-ca"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return nil, err
+	}
+	caCert, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		return nil, err
+	}
+	p.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+
+	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	srvTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "kube-apiserver"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames: []string{
+			"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+			"kubernetes.default.svc.cluster.local",
+		},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1"), net.ParseIP("10.0.0.1")},
+	}
+	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
+	if err != nil {
+		return nil, err
+	}
+
+	// Service-account tokens are signed with RSA (RS256), like a kubeadm cluster.
+	saKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return nil, err
+	}
+
+	tok := make([]byte, 24)
+	if _, err := rand.Read(tok); err != nil {
+		return nil, err
+	}
+	p.adminToken = hex.EncodeToString(tok)
+
+	files := map[string][]byte{
+		p.caCert:      p.caPEM,
+		p.caKey:       mustECKeyPEM(caKey),
+		p.servingCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
+		p.servingKey:  mustECKeyPEM(srvKey),
+		p.saKey:       pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(saKey)}),
+		p.tokenFile:   []byte(p.adminToken + `,admin,admin-uid,"system:masters"` + "\n"),
+	}
+	for path, data := range files {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+func mustECKeyPEM(k *ecdsa.PrivateKey) []byte {
+	der, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		panic(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
+}
+
+func writeKubeconfig(path, serverURL string, p *pkiFiles) error {
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["kube-testenv"] = &clientcmdapi.Cluster{
+		Server:                   serverURL,
+		CertificateAuthorityData: p.caPEM,
+	}
+	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{Token: p.adminToken}
+	cfg.Contexts["kube-testenv"] = &clientcmdapi.Context{
+		Cluster:   "kube-testenv",
+		AuthInfo:  "admin",
+		Namespace: "default",
+	}
+	cfg.CurrentContext = "kube-testenv"
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return clientcmd.WriteToFile(*cfg, path)
+}
