@@ -201,6 +201,9 @@ def load_settings(path: Path) -> dict[str, Setting]:
             f"(found: {_preview(table.columns)}); {_HOW_TO_SETTINGS}"
         )
     unit_at, context_at = table.index("unit"), table.index("context")
+    # reset_val is the server-wide value (what observe reads too); `setting` is the dumping
+    # session's own, e.g. 0 for tcp_keepalives_* when psql came over the Unix socket.
+    reset_at = table.index("reset_val")
     settings: dict[str, Setting] = {}
     for row in table.rows:
         name = row[name_at]
@@ -209,6 +212,8 @@ def load_settings(path: Path) -> dict[str, Setting]:
         unit = row[unit_at] if unit_at is not None else None
         context = row[context_at] if context_at is not None else None
         value = row[setting_at]
+        if reset_at is not None and row[reset_at] not in (None, ""):
+            value = row[reset_at]
         settings[str(name)] = Setting(
             name=str(name),
             setting="" if value is None else str(value),

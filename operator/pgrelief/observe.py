@@ -78,6 +78,9 @@ SETTINGS: tuple[str, ...] = (
 # every age is computed against it from the server's own timestamps. The side tables travel as
 # compact JSON arrays so their different shapes fit in one result row (JSON also renders
 # timestamptz as ISO 8601 whatever the session's DateStyle).
+# Settings are read as reset_val, the server-wide value every new session starts with:
+# `setting` would show our own session's statement_timeout, and 0 for the tcp_keepalives_*
+# of a Unix-socket session or the OS values over TCP, none of which is the configuration.
 SNAPSHOT_QUERY = """
 with clock as materialized (select clock_timestamp() as taken_at)
 select c.taken_at,
@@ -90,7 +93,7 @@ select c.taken_at,
                    a.wait_event_type, a.wait_event, a.query, a.leader_pid, r.rolsuper)), '[]')
           from pg_stat_activity a
           left join pg_roles r on r.oid = a.usesysid),
-       (select coalesce(json_agg(json_build_array(s.name, s.setting, s.unit, s.context)), '[]')
+       (select coalesce(json_agg(json_build_array(s.name, s.reset_val, s.unit, s.context)), '[]')
           from pg_settings s
          where s.name = any(%s)),
        (select coalesce(json_agg(json_build_array(
