@@ -17,16 +17,16 @@ import click
 
 from pgrelief import __version__
 from pgrelief.crd import crd_yaml
-from pgrelief.diagnose import DiagnoseOptions, diagnose_refusal
+from pgrelief.diagnose import DiagnoseOptions, OptionsError, diagnose_refusal
 from pgrelief.diagnose import diagnose as run_diagnosis
 from pgrelief.diagnosis import Diagnosis, Severity
 from pgrelief.dumps import snapshot_from_files
 from pgrelief.durations import DurationError, parse_duration
 from pgrelief.errors import PgreliefError, ServerRefused
 from pgrelief.observe import connect, take_snapshot
-from pgrelief.report import render_json, render_text
+from pgrelief.report import render_json, render_sizing, render_text
 from pgrelief.runner import run_standalone
-from pgrelief.sizing import SizeError, parse_size
+from pgrelief.sizing import SizeError, parse_size, size_server
 
 EXIT_ERROR = int(Severity.UNKNOWN)
 _STACKS = ("sqlalchemy", "django", "rails", "hikaricp")
@@ -99,19 +99,27 @@ def diagnose(
     except SizeError as error:
         raise click.BadParameter(str(error), param_hint="--memory") from None
     defaults = DiagnoseOptions()
-    options = DiagnoseOptions(
-        idle_after_s=_duration_option(idle_after, "--idle-after") or defaults.idle_after_s,
-        idle_in_transaction_after_s=_duration_option(
-            idle_in_transaction_after, "--idle-in-transaction-after"
+    idle = _duration_option(idle_after, "--idle-after")
+    idle_in_transaction = _duration_option(idle_in_transaction_after, "--idle-in-transaction-after")
+    long_running = _duration_option(long_running_after, "--long-running-after")
+    try:
+        options = DiagnoseOptions(
+            idle_after_s=defaults.idle_after_s if idle is None else idle,
+            idle_in_transaction_after_s=(
+                defaults.idle_in_transaction_after_s
+                if idle_in_transaction is None
+                else idle_in_transaction
+            ),
+            long_running_after_s=(
+                defaults.long_running_after_s if long_running is None else long_running
+            ),
+            warning_percent=warning_percent,
+            critical_percent=critical_percent,
+            memory_bytes=memory_bytes,
+            stack=stack,
         )
-        or defaults.idle_in_transaction_after_s,
-        long_running_after_s=_duration_option(long_running_after, "--long-running-after")
-        or defaults.long_running_after_s,
-        warning_percent=warning_percent,
-        critical_percent=critical_percent,
-        memory_bytes=memory_bytes,
-        stack=stack,
-    )
+    except OptionsError as error:
+        raise click.UsageError(str(error)) from None
     diagnosis = (
         _diagnose_live(dsn, options)
         if dsn
@@ -187,6 +195,57 @@ def run(
         state_file=state_file,
         revert=revert,
     )
+
+
+def _size_option(value: str | None, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except SizeError as error:
+        raise click.BadParameter(str(error), param_hint=flag) from None
+
+
+@cli.command()
+@click.option("--ram", required=True, help="Server memory, e.g. 16GB.")
+@click.option("--shared-buffers", help="shared_buffers (default: 25% of RAM).")
+@click.option("--work-mem", help="work_mem (default 4MB).")
+@click.option("--per-backend", help="Base memory of one backend (default 10MB).")
+@click.option("--app-instances", type=int, help="Application instances connecting.")
+@click.option("--pool-per-instance", type=int, help="Their ORM pool size each.")
+@click.option("--pgbouncer-replicas", type=int, default=1, show_default=True)
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
+def size(
+    ram: str,
+    shared_buffers: str | None,
+    work_mem: str | None,
+    per_backend: str | None,
+    app_instances: int | None,
+    pool_per_instance: int | None,
+    pgbouncer_replicas: int,
+    output_format: str,
+) -> None:
+    """Compute a safe max_connections and pool sizes for a server's memory."""
+    optional: dict[str, int] = {}
+    for key, value, flag in (
+        ("work_mem", work_mem, "--work-mem"),
+        ("per_backend", per_backend, "--per-backend"),
+    ):
+        parsed = _size_option(value, flag)
+        if parsed is not None:
+            optional[key] = parsed
+    try:
+        sizing = size_server(
+            _size_option(ram, "--ram") or 0,
+            shared_buffers=_size_option(shared_buffers, "--shared-buffers"),
+            app_instances=app_instances,
+            pool_per_instance=pool_per_instance,
+            pgbouncer_replicas=pgbouncer_replicas,
+            **optional,
+        )
+    except SizeError as error:
+        raise click.UsageError(str(error)) from None
+    render_sizing(sizing, sys.stdout, output_format)
 
 
 @cli.command()

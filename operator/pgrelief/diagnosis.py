@@ -24,6 +24,11 @@ class Severity(IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    @property
+    def finding_label(self) -> str:
+        """A finding that raises no alarm is information, not 'healthy'."""
+        return "info" if self is Severity.HEALTHY else self.label
+
 
 # Finding kinds (DESIGN.md); a finding's kind is one of these strings.
 SATURATION = "saturation"
@@ -66,7 +71,7 @@ class Finding:
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "severity": self.severity.label,
+            "severity": self.severity.finding_label,
             "summary": self.summary,
             "evidence": list(self.evidence),
             "pids": list(self.pids),

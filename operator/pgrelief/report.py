@@ -26,10 +26,11 @@ from pgrelief.diagnosis import (
 )
 from pgrelief.diagnosis import Group as BreakdownGroup
 from pgrelief.durations import human_age
+from pgrelief.sizing import ServerSizing
 from pgrelief.snapshot import ACTIVE, IDLE, IDLE_IN_TRANSACTION, IDLE_IN_TRANSACTION_ABORTED
 
 _STYLE = {
-    Severity.HEALTHY: "bold green",
+    Severity.HEALTHY: "bold cyan",
     Severity.WARNING: "bold yellow",
     Severity.CRITICAL: "bold red",
     Severity.UNKNOWN: "bold magenta",
@@ -141,7 +142,9 @@ def _print_finding(console: Console, number: int, finding: Finding) -> None:
     # Findings are printed flat, not in panels: the SQL and ini text must survive copy and
     # paste, so it is never wrapped or boxed (the terminal wraps long lines visually only).
     title = Text()
-    title.append(f"{number}. [{finding.severity.label.upper()}] ", style=_STYLE[finding.severity])
+    title.append(
+        f"{number}. [{finding.severity.finding_label.upper()}] ", style=_STYLE[finding.severity]
+    )
     title.append(f"{finding.kind}: ", style="bold")
     title.append(finding.summary)
     console.rule(style="dim")
@@ -156,3 +159,43 @@ def _print_finding(console: Console, number: int, finding: Finding) -> None:
         console.print(Text(f"\n  {fix.title or fix.kind}:", style="bold cyan"))
         style = "green" if fix.kind in _CODE_FIXES else ""
         console.print(Text(fix.text, style=style), soft_wrap=True)
+
+
+def render_sizing(sizing: ServerSizing, stream: IO[str], output_format: str = "text") -> None:
+    """``pgrelief size``: the numbers, the reasoning behind each, and the SQL to apply them."""
+    pool = sizing.pgbouncer
+    numbers = {
+        "max_connections": sizing.max_connections,
+        "superuser_reserved_connections": sizing.superuser_reserved_connections,
+        "usable_slots": sizing.usable_slots,
+        "memory_ceiling_connections": sizing.memory_ceiling,
+        "pgbouncer": {
+            "default_pool_size": pool.default_pool_size,
+            "reserve_pool_size": pool.reserve_pool_size,
+            "max_client_conn": pool.max_client_conn,
+            "max_db_connections": pool.max_db_connections,
+            "replicas": pool.replicas,
+        },
+        "pool_per_instance_direct": sizing.pool_per_instance_direct,
+        "needs_pgbouncer": sizing.needs_pgbouncer,
+        "reasoning": list(sizing.reasoning),
+        "sql": sizing.settings_sql(),
+    }
+    if output_format == "json":
+        json.dump(numbers, stream, indent=2)
+        stream.write("\n")
+        return
+    console = Console(file=stream, width=120, highlight=False)
+    table = Table(title="pgrelief size", title_justify="left")
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    for key in ("max_connections", "superuser_reserved_connections", "usable_slots"):
+        table.add_row(key, str(numbers[key]))
+    for key in ("default_pool_size", "reserve_pool_size", "max_client_conn", "max_db_connections"):
+        table.add_row(f"pgbouncer {key}", str(getattr(pool, key)))
+    if sizing.pool_per_instance_direct is not None:
+        table.add_row("ORM pool per instance (direct)", str(sizing.pool_per_instance_direct))
+    console.print(table)
+    for line in sizing.reasoning:
+        console.print(Text(f"• {line}"))
+    console.print(Text("\n" + sizing.settings_sql(), style="green"), soft_wrap=True)
