@@ -448,7 +448,7 @@ def test_lifeline_reports_reserved_slot_access(pg_server: EmbeddedPostgres) -> N
             assert lifeline.lifeline.reserved_slots_for_us == 0
             advice = " ".join(lifeline.lifeline.advice())
         if pg_server.version >= 16:
-            assert f'GRANT pg_use_reserved_connections TO "{role}"' in advice
+            assert f"GRANT pg_use_reserved_connections TO {role};" in advice
             with pg_server.connect() as conn:
                 conn.execute(
                     sql.SQL("grant pg_use_reserved_connections to {}").format(sql.Identifier(role))

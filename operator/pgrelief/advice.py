@@ -54,6 +54,11 @@ def quote_ident(name: str) -> str:
     """
     if _SIMPLE_IDENT.fullmatch(name) and name not in _RESERVED and len(name) < 64:
         return name
+    return quoted_name(name)
+
+
+def quoted_name(name: str) -> str:
+    """``name`` always in double quotes: unambiguous in prose such as ``role "app"``."""
     return '"' + name.replace('"', '""') + '"'
 
 

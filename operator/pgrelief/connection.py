@@ -21,6 +21,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from pgrelief.advice import quote_ident
 from pgrelief.errors import ConnectFailed, ServerRefused
 from pgrelief.observe import connect
 
@@ -68,7 +69,7 @@ class Lifeline:
         """What to grant or set so the next reconnect during an outage succeeds."""
         if self.reserved_slots_for_us > 0:
             return []
-        role = sql_ident_text(self.role)
+        role = quote_ident(self.role)
         if self.version_num >= 160000:
             lines = [f"GRANT pg_use_reserved_connections TO {role};"]
             if self.reserved_connections == 0:
@@ -85,10 +86,6 @@ class Lifeline:
         if slots:
             return f"role {self.role!r} can use {slots} reserved slot(s) when the server is full"
         return f"role {self.role!r} cannot use any reserved slot when the server is full"
-
-
-def sql_ident_text(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 class ManagedConnection:

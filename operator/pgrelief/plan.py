@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
+from pgrelief.advice import quote_literal
+from pgrelief.advice import quoted_name as quote_ident
 from pgrelief.diagnosis import Severity
 from pgrelief.durations import human_age, parse_duration
 from pgrelief.policy import ConnectionPolicySpec, ProtectSpec, RoleLimit, ServerLimits
@@ -95,16 +97,6 @@ _RESTART_ONLY: tuple[tuple[str, str, int], ...] = (
 
 
 # ---- actions -------------------------------------------------------------------------------
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as a PostgreSQL identifier in text shown to people (never executed)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(value: str) -> str:
-    """``value`` as a PostgreSQL string literal in text shown to people (never executed)."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 def role_key(role: str, item: str) -> str:
