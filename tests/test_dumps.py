@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -10,10 +11,14 @@ import subprocess
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pgrelief import dumps
 from pgrelief.dumps import load_activity, load_settings, read_table, snapshot_from_files
 from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.errors import DumpError, PgreliefError
@@ -25,7 +30,11 @@ Connection = psycopg.Connection[tuple[object, ...]]
 
 
 def psql(
-    server: EmbeddedPostgres, *args: str, datestyle: str | None = None, tcp: bool = False
+    server: EmbeddedPostgres,
+    *args: str,
+    datestyle: str | None = None,
+    tcp: bool = False,
+    timezone: str | None = None,
 ) -> str:
     """Run the server's own psql (socket or TCP), as a user at the terminal would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -34,6 +43,8 @@ def psql(
         env["PGHOST"] = server.host
     if datestyle is not None:
         env["PGDATESTYLE"] = datestyle
+    if timezone is not None:
+        env["PGTZ"] = timezone
     done = subprocess.run(
         [str(server.tool("psql")), "-X", "-v", "ON_ERROR_STOP=1", *args],
         env=env,
@@ -52,8 +63,16 @@ def copy_csv(
     *,
     datestyle: str | None = None,
     tcp: bool = False,
+    timezone: str | None = None,
 ) -> Path:
-    psql(server, "-c", f"\\copy ({query}) to '{path}' csv header", datestyle=datestyle, tcp=tcp)
+    psql(
+        server,
+        "-c",
+        f"\\copy ({query}) to '{path}' csv header",
+        datestyle=datestyle,
+        tcp=tcp,
+        timezone=timezone,
+    )
     return path
 
 
@@ -433,3 +452,262 @@ def test_settings_that_do_not_add_up(tmp_path: Path) -> None:
     assert "superuser_reserved_connections" in snapshot.server.assumed
     assert "reserved_connections" not in snapshot.server.assumed
     assert snapshot.server.usable_slots == 40 - 3
+
+
+# ------------------------------------------------------------------ fast path = reference path
+# A psql CSV activity dump is read by pyarrow (dumps._fast_activity); every other file, and
+# any file that reader might read differently, by the csv module (the reference). These tests
+# hold the fast path to the reference's result, value for value (repr: offsets and floats).
+def reference(data: bytes, path: Path = Path("activity.csv")) -> str:
+    """repr of the reference path's ActivityDump, or its error message."""
+    try:
+        return repr(dumps._sessions(dumps._parse_table(path, data, dumps._HOW_TO)))
+    except DumpError as failure:
+        return f"DumpError: {failure}"
+
+
+def fast(data: bytes, path: Path = Path("activity.csv")) -> str | None:
+    found = dumps._fast_activity(path, data)
+    return None if found is None else repr(found)
+
+
+# One line: psql's \copy takes its query from the rest of the line.
+SYNTHETIC_ACTIVITY = " ".join(
+    line.strip()
+    for line in """
+    select now() as now, 1000 + g as pid, case when g % 9 = 0 then 999 end as leader_pid,
+      (array['client backend', 'client backend', 'walsender', null])[1 + g % 4] as backend_type,
+      (array['idle', 'active', 'idle in transaction', null, ''])[1 + g % 5] as state,
+      (array['app', 'we"ird, role', 'naïve ✓', 'NULL'])[1 + g % 4] as usename,
+      (array['shop', 'Prod DB', null])[1 + g % 3] as datname,
+      (array['web', E'multi\\nline', 'a,"b"', '', ' '])[1 + g % 5] as application_name,
+      case when g % 3 = 0 then null else ('10.0.0.' || g % 7)::inet end as client_addr,
+      case when g % 3 = 0 then -1 else 40000 + g end as client_port,
+      timestamptz '2024-03-30 23:00:00.000001+00' + g * interval '37.123457 seconds'
+        as backend_start,
+      case when g % 5 <> 0 then timestamptz '2024-03-31 00:30:00+00' + g * interval '41.5 s' end
+        as xact_start,
+      timestamptz '2024-03-31 00:40:00+00' + g * interval '42.000001 s' as query_start,
+      timestamptz '2024-03-31 00:40:00+00' + g * interval '42.25 s' as state_change,
+      case when g % 4 = 1 then 'Lock' end as wait_event_type,
+      case when g % 4 = 1 then 'transactionid' end as wait_event,
+      (array['select 1', E'insert into t ("a","b")\\r\\nvalues ($1,$2)', 'x""y', '', null,
+             'LISTEN jobs'])[1 + g % 6] as query
+    from generate_series(1, 300) g
+    """.strip().splitlines()
+)
+
+
+@pytest.mark.parametrize(
+    ("timezone", "offsets"),
+    [
+        ("UTC", {"+00:00"}),
+        ("Asia/Kolkata", {"+05:30"}),
+        ("America/Sao_Paulo", {"-03:00"}),
+        ("America/St_Johns", {"-02:30"}),  # daylight time on 2024-03-31
+        ("Europe/Berlin", {"+01:00", "+02:00"}),  # DST starts at 01:00 UTC that night
+    ],
+)
+def test_psql_csv_takes_the_fast_path_with_the_reference_result(
+    timezone: str,
+    offsets: set[str],
+    pg_server: EmbeddedPostgres,
+    sessions: SessionFactory,
+    tmp_path: Path,
+) -> None:
+    synthetic = copy_csv(pg_server, SYNTHETIC_ACTIVITY, tmp_path / "s.csv", timezone=timezone)
+    data = synthetic.read_bytes()
+    found = dumps._fast_activity(synthetic, data)
+    assert found is not None
+    assert repr(found) == reference(data, synthetic)
+    assert found.clock_source == "column now"
+    assert {s.state_change.isoformat()[-6:] for s in found.sessions if s.state_change} == offsets
+    assert {s.query for s in found.sessions} == {
+        "select 1",
+        'insert into t ("a","b")\r\nvalues ($1,$2)',
+        'x""y',
+        "",
+        "LISTEN jobs",
+    }
+    assert {s.application_name for s in found.sessions} == {"web", "multi\nline", 'a,"b"', "", " "}
+    assert {s.usename for s in found.sessions} == {"app", 'we"ird, role', "naïve ✓", "NULL"}
+    assert None in {s.xact_start for s in found.sessions}
+    assert {s.state for s in found.sessions} == {"idle", "active", "idle in transaction", None}
+
+    # A live server's own activity, with awkward text in the columns a Session keeps.
+    sessions.idle(app='etl, "nightly"')
+    with pg_server.connect(application_name='a,"b" ,c') as conn:
+        conn.execute('select 1 as "a",2 as "b",\n\'naïve ✓\' as "c d"')
+        live = copy_csv(
+            pg_server, "select * from pg_stat_activity", tmp_path / "a.csv", timezone=timezone
+        )
+    data = live.read_bytes()
+    found = dumps._fast_activity(live, data)
+    assert found is not None
+    assert repr(found) == reference(data, live)
+    zone = ZoneInfo(timezone)
+    for stamp in (s.state_change for s in found.sessions if s.state_change):
+        assert stamp.utcoffset() == stamp.astimezone(zone).utcoffset()  # as the server wrote it
+    names = {s.application_name for s in found.sessions}
+    assert {'etl, "nightly"', 'a,"b" ,c'} <= names
+    assert 'select 1 as "a",2 as "b",\n\'naïve ✓\' as "c d"' in {s.query for s in found.sessions}
+
+
+def test_a_dump_larger_than_one_read_block_agrees(tmp_path: Path) -> None:
+    """pyarrow reads ~1 MB blocks, each with its own dictionary of distinct values."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["pid", "usename", "state", "application_name", "state_change", "query"])
+    for n in range(12_000):
+        writer.writerow(
+            [
+                n + 1,
+                f"role_{n * 7 % 13}",  # first seen in later blocks too
+                ("idle", "active", "")[n % 3],
+                f"app {n // 1000}",
+                f"2025-03-14 11:{n // 600 % 60:02}:{n % 60:02}.{n:06}+0{n % 3}",
+                f"select {n % 50}, '{'x' * 200}'",
+            ]
+        )
+    data = out.getvalue().encode()
+    assert len(data) > 3 * 1024 * 1024
+    found = fast(data)
+    assert found is not None
+    assert found == reference(data)
+
+
+def cell(value: str, *, quote: bool) -> str:
+    if quote or any(c in value for c in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+_COLUMNS = st.lists(
+    st.sampled_from(
+        [
+            "pid",
+            "state",
+            "usename",
+            "state_change",
+            "query_start",
+            "query",
+            "application_name",
+            "client_port",
+            "leader_pid",
+            "backend_type",
+            "xact_start",
+            "now",
+            "datname",
+            "other",
+        ]
+    ),
+    min_size=2,
+    max_size=9,
+)
+_GOOD_STAMPS = [
+    "2025-03-14 11:59:13.169295+00",
+    "2025-03-14 17:29:13.1+05:30",
+    "2025-03-14 08:59:13-03",
+    "2024-03-31 03:00:02+02",
+    "2025-03-14 11:59:13+00:00",
+    "",
+]
+_GOOD_TEXT = ["", "idle", "a,b", 'we"ird', "x\ny", "x\r\ny", "naïve ✓", "NULL", " ", '""', "a\r"]
+_BAD_CELLS = [
+    "0x10",
+    " 7",
+    "+3",
+    "1_0",
+    "99999999999999999999",  # int() reads it, pyarrow's int64 does not
+    "yesterday",
+    "2025-01-01 00:00:00",
+    "\ufeff",
+    "é",
+]
+
+
+def _good_cell(column: str) -> st.SearchStrategy[str]:
+    if column == "pid":
+        return st.sampled_from(["1", "42", "-7", "007"])
+    if column in ("client_port", "leader_pid"):
+        return st.sampled_from(["", "-1", "5432", "2147483647"])
+    if column in ("state_change", "query_start", "xact_start", "now"):
+        return st.sampled_from(_GOOD_STAMPS)
+    return st.sampled_from(_GOOD_TEXT)
+
+
+@st.composite
+def _psql_csv(draw: st.DrawFn) -> bytes:
+    """What psql writes: a field is quoted when it must be, lines end with a newline."""
+    columns = draw(_COLUMNS)
+    for required in ("pid", "state", "usename", "state_change"):
+        if required not in columns:
+            columns.insert(draw(st.integers(0, len(columns))), required)
+    lines = [",".join(columns)]
+    for row in range(draw(st.integers(1, 5))):
+        cells = [draw(_good_cell(c)) for c in columns]
+        if row == 0:  # a dump has a timestamp somewhere (psql's own session has them all)
+            cells[columns.index("state_change")] = _GOOD_STAMPS[0]
+        lines.append(",".join(cell(value, quote=False) for value in cells))
+    return ("\n".join(lines) + "\n").encode()
+
+
+@st.composite
+def _any_csv(draw: st.DrawFn) -> bytes:
+    """CSV-ish bytes: needless quotes, other line ends, bad cells and stray bytes."""
+    columns = draw(_COLUMNS)
+    newline = draw(st.sampled_from(["\n", "\r\n", "\r"]))
+    lines = [",".join(columns)]
+    for _ in range(draw(st.integers(0, 4))):
+        values = [
+            draw(st.one_of(_good_cell(c), st.sampled_from(_BAD_CELLS), st.text(max_size=4)))
+            for c in columns
+        ]
+        lines.append(",".join(cell(v, quote=draw(st.booleans())) for v in values))
+    data = (newline.join(lines) + draw(st.sampled_from([newline, ""]))).encode()
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data)))
+        stray = draw(st.sampled_from([b'"', b",", b"\n", b"\r", b"x", b"\xff", b'""']))
+        data = data[:at] + stray + data[at:]
+    if draw(st.booleans()):
+        data = codecs.BOM_UTF8 + data
+    return data
+
+
+@settings(max_examples=300, deadline=None)
+@given(_psql_csv())
+def test_the_fast_path_reads_what_psql_writes(data: bytes) -> None:
+    expected = reference(data)
+    assert not expected.startswith("DumpError"), expected
+    assert fast(data) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(_any_csv())
+def test_the_fast_path_gives_the_reference_result_or_declines(data: bytes) -> None:
+    found = fast(data)
+    if found is not None:
+        assert found == reference(data)
+
+
+def test_input_pyarrow_reads_differently_takes_the_reference_path(tmp_path: Path) -> None:
+    header = "pid,usename,state,state_change\n"
+    stamp = "2024-01-01 10:00:00+00"
+    after_quote = tmp_path / "after-quote.csv"
+    after_quote.write_text(f'{header}1,"ab"c,idle,{stamp}\n')  # pyarrow: abc
+    expect_dump_error(after_quote, "line 2: not valid CSV (',' expected after '\"')")
+    hexadecimal = tmp_path / "hex.csv"
+    hexadecimal.write_text(f"{header}0x10,u,idle,{stamp}\n")  # pyarrow: 16
+    expect_dump_error(hexadecimal, "line 2, column pid: '0x10' is not an integer")
+    for path in (after_quote, hexadecimal):
+        assert dumps._fast_activity(path, path.read_bytes()) is None
+    # What int() reads and pyarrow does not: the reference reads it, as before.
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text(f'{header}" 7",u,idle,{stamp}\n')
+    assert dumps._fast_activity(spaced, spaced.read_bytes()) is None
+    assert [s.pid for s in load_activity(spaced).sessions] == [7]
+    # Undecodable bytes in a column that is read: replaced, as the reference does.
+    mangled = tmp_path / "mangled.csv"
+    mangled.write_bytes(f"{header}1,u\xff,idle,{stamp}\n".encode("latin-1"))
+    assert dumps._fast_activity(mangled, mangled.read_bytes()) is None
+    assert [s.usename for s in load_activity(mangled).sessions] == ["u\ufffd"]
