@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pgrelief.diagnose import diagnose
-from pgrelief.dumps import snapshot_from_files
+from pgrelief.dumps import _fast_activity, snapshot_from_files
 from pgrelief.snapshot import Snapshot
 
 # The header lines as PostgreSQL 17/18 write them.
@@ -283,13 +283,17 @@ def main(argv: list[str] | None = None) -> int:
         top = max(sizes)
         activity, settings = write_dump(Path(tmp), top, unique=True)
         _row("unique", top, activity, settings, args.runs)
+        # Which reader the timings are of: pyarrow may be missing, or decline a file.
+        fast = _fast_activity(activity, activity.read_bytes()) is not None
+    reader = "pyarrow (fast path)" if fast else "csv module (reference path)"
     print(
         f"\nmedians of {args.runs} runs. parse+diag: snapshot_from_files + diagnose (breakdowns, "
         "findings, fixes), wall clock.\ndiagnose: on the parsed snapshot (wall, then CPU time "
         "of this process). naive 3q: the seed's three queries as\nPython group-bys over "
         "csv.DictReader rows (no findings, no fixes). ratio: parse+diag / naive, wall and CPU.\n"
         "realistic: applications run as one role from a few hosts; unique: role, database and "
-        "host drawn per session (worst case for grouping)."
+        "host drawn per session (worst case for grouping).\n"
+        f"activity CSV read by: {reader}"
     )
     if any(size >= 100_000 for size in sizes):
         print(
