@@ -654,18 +654,29 @@ def _psql_csv(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def _any_csv(draw: st.DrawFn) -> bytes:
-    """CSV-ish bytes: needless quotes, other line ends, bad cells and stray bytes."""
+    """CSV-ish bytes: needless quotes, other line ends, blank lines, a BOM, and when
+    ``broken`` bad cells, random text and stray bytes anywhere (even in the header)."""
     columns = draw(_COLUMNS)
+    for required in ("pid", "state", "usename", "state_change"):
+        if required not in columns and draw(st.integers(0, 9)):
+            columns.insert(draw(st.integers(0, len(columns))), required)
+    broken = draw(st.booleans())
     newline = draw(st.sampled_from(["\n", "\r\n", "\r"]))
     lines = [",".join(columns)]
     for _ in range(draw(st.integers(0, 4))):
         values = [
-            draw(st.one_of(_good_cell(c), st.sampled_from(_BAD_CELLS), st.text(max_size=4)))
+            draw(
+                st.one_of(_good_cell(c), st.sampled_from(_BAD_CELLS), st.text(max_size=4))
+                if broken
+                else _good_cell(c)
+            )
             for c in columns
         ]
         lines.append(",".join(cell(v, quote=draw(st.booleans())) for v in values))
+        if draw(st.integers(0, 5)) == 0:
+            lines.append("")
     data = (newline.join(lines) + draw(st.sampled_from([newline, ""]))).encode()
-    for _ in range(draw(st.integers(0, 3))):
+    for _ in range(draw(st.integers(0, 3)) if broken else 0):
         at = draw(st.integers(0, len(data)))
         stray = draw(st.sampled_from([b'"', b",", b"\n", b"\r", b"x", b"\xff", b'""']))
         data = data[:at] + stray + data[at:]
