@@ -702,23 +702,28 @@ def test_the_fast_path_gives_the_reference_result_or_declines(data: bytes) -> No
 
 
 def test_input_pyarrow_reads_differently_takes_the_reference_path(tmp_path: Path) -> None:
-    header = "pid,usename,state,state_change\n"
+    header = "pid,usename,state,state_change,query\n"
     stamp = "2024-01-01 10:00:00+00"
     after_quote = tmp_path / "after-quote.csv"
-    after_quote.write_text(f'{header}1,"ab"c,idle,{stamp}\n')  # pyarrow: abc
+    after_quote.write_text(f'{header}1,"ab"c,idle,{stamp},\n')  # pyarrow: abc
     expect_dump_error(after_quote, "line 2: not valid CSV (',' expected after '\"')")
     hexadecimal = tmp_path / "hex.csv"
-    hexadecimal.write_text(f"{header}0x10,u,idle,{stamp}\n")  # pyarrow: 16
+    hexadecimal.write_text(f"{header}0x10,u,idle,{stamp},\n")  # pyarrow: 16
     expect_dump_error(hexadecimal, "line 2, column pid: '0x10' is not an integer")
     for path in (after_quote, hexadecimal):
         assert dumps._fast_activity(path, path.read_bytes()) is None
     # What int() reads and pyarrow does not: the reference reads it, as before.
     spaced = tmp_path / "spaced.csv"
-    spaced.write_text(f'{header}" 7",u,idle,{stamp}\n')
+    spaced.write_text(f'{header}" 7",u,idle,{stamp},\n')
     assert dumps._fast_activity(spaced, spaced.read_bytes()) is None
     assert [s.pid for s in load_activity(spaced).sessions] == [7]
+    # A query as long as track_activity_query_size allows (1 MB): both paths read it.
+    long_query = "select '" + "x" * 1_000_000 + "'"
+    data = f"{header}1,u,idle,{stamp},\n2,u,active,{stamp},{long_query}\n".encode()
+    assert fast(data) == reference(data)
+    assert long_query in (fast(data) or "")
     # Undecodable bytes in a column that is read: replaced, as the reference does.
     mangled = tmp_path / "mangled.csv"
-    mangled.write_bytes(f"{header}1,u\xff,idle,{stamp}\n".encode("latin-1"))
+    mangled.write_bytes(f"{header}1,u\xff,idle,{stamp},\n".encode("latin-1"))
     assert dumps._fast_activity(mangled, mangled.read_bytes()) is None
     assert [s.usename for s in load_activity(mangled).sessions] == ["u\ufffd"]

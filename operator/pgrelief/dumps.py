@@ -276,7 +276,14 @@ def _parse_table(path: Path, data: bytes, how_to: str) -> Table:
     return _csv_table(path, text, how_to)
 
 
+# track_activity_query_size goes up to 1 MB; the csv module refuses fields over 128 KiB by
+# default, which pyarrow does not. The limit is process-wide: only ever raised.
+_FIELD_LIMIT = 64 * 1024 * 1024
+
+
 def _csv_table(path: Path, text: str, how_to: str) -> Table:
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
