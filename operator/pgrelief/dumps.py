@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from pgrelief.errors import DumpError
 from pgrelief.snapshot import (
+    ACTIVE,
     CLIENT_BACKEND,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_RESERVED,
@@ -153,8 +154,27 @@ def snapshot_from_files(activity_path: Path, settings_path: Path | None = None) 
         taken_at=activity.taken_at,
         server=server_facts(settings, source=str(settings_path)),
         sessions=activity.sessions,
+        own_pid=dumping_session(activity.sessions),
         source=f"file {activity_path}",
     )
+
+
+_DUMP_STATEMENT = re.compile(r"\bpg_stat_activity\b", re.IGNORECASE)
+
+
+def dumping_session(sessions: Sequence[Session]) -> int | None:
+    """The pid of the psql session that wrote the dump, when it can be told apart.
+
+    A live observation leaves pgrelief's own session out of what drives findings; a dump holds
+    psql's session in its place, active and reading pg_stat_activity. Treating it the same way
+    keeps an offline diagnosis equal to the live one. With no single such session, None.
+    """
+    found = [
+        s.pid
+        for s in sessions
+        if s.is_client and s.state == ACTIVE and _DUMP_STATEMENT.search(s.query)
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def server_facts(settings: Mapping[str, Setting], source: str = "settings") -> ServerFacts:
