@@ -503,3 +503,45 @@ def test_diagnosis_pressure_drives_only_under_pressure(
     with ManagedConnection(pg_server.dsn()) as lifeline:
         pressure = diagnose(take_snapshot(lifeline.get()), DiagnoseOptions()).pressure
     assert pressure.label == "healthy"
+
+
+def test_server_settings_reload_idempotently_restart_only_ones_are_recommended(
+    tmp_path: Path,
+) -> None:
+    # A server of its own: ALTER SYSTEM outlives the test in postgresql.auto.conf.
+    with EmbeddedPostgres(max_connections=20) as server:
+        policy = write_policy(tmp_path)
+        policy.write_text(
+            policy.read_text()
+            + "    server: {idleInTransactionSessionTimeout: 300s, tcpKeepalivesIdle: 60,"
+            " tcpKeepalivesInterval: 10, tcpKeepalivesCount: 6, maxConnections: 500}\n",
+            encoding="utf-8",
+        )
+
+        def effective() -> dict[str, str]:
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                rows = conn.execute(
+                    "select name, reset_val from pg_settings where name = any(%s)",
+                    (["idle_in_transaction_session_timeout", "tcp_keepalives_idle",
+                      "tcp_keepalives_interval", "tcp_keepalives_count", "max_connections"],),
+                ).fetchall()  # fmt: skip
+            return {str(name): str(value) for name, value in rows}
+
+        before = effective()
+        first = run_once(server, policy, tmp_path)
+        applied = [r for r in first if r["action"] == "alter_system"]
+        assert sorted(r["outcome"] for r in applied) == ["done"] * 4
+        recommended = [r for r in first if r["action"] == "recommend"]
+        assert any("max_connections" in r["target"] + r["reason"] for r in recommended)
+        assert all(r["outcome"] == "skipped" for r in recommended)
+        after = effective()
+        assert after["idle_in_transaction_session_timeout"] == "300000"
+        assert (after["tcp_keepalives_idle"], after["tcp_keepalives_interval"]) == ("60", "10")
+        assert after["tcp_keepalives_count"] == "6"
+        assert after["max_connections"] == before["max_connections"] == "20"
+
+        second = run_once(server, policy, tmp_path)
+        assert [r for r in second if r["action"] == "alter_system"] == []
+
+        run_once(server, policy, tmp_path, "--revert")
+        assert effective() == before
