@@ -8,6 +8,7 @@ shared server's roles stay as the other tests expect them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -34,6 +36,7 @@ from pgrelief.observe import connect, take_snapshot
 from pgrelief.plan import PlanHistory, TerminateBackend, plan
 from pgrelief.policy_file import parse_policy
 from pgrelief.runner import Runner, StateStore
+from pgrelief.snapshot import Session
 from tests.fixtures.postgres import SessionFactory
 
 POLICY = """\
@@ -192,6 +195,23 @@ def test_a_session_that_turned_active_is_not_terminated(
     assert alive(sessions.admin, [idle_then_query.pid]) == {idle_then_query.pid}
 
 
+def terminate_action(observed: Session, **changes: Any) -> TerminateBackend:
+    """The action plan would make for ``observed`` (the act tests bypass plan's rules)."""
+    action = TerminateBackend(
+        pid=observed.pid,
+        backend_start=observed.backend_start,
+        state=observed.state,
+        state_change=observed.state_change,
+        usename=observed.usename,
+        datname=observed.datname,
+        application_name=observed.application_name,
+        client_addr=observed.client_addr,
+        rule="idleAfter",
+        age_s=observed.state_age_s or 0.0,
+    )
+    return dataclasses.replace(action, **changes)
+
+
 def test_a_session_now_active_is_not_terminated(
     pg_server: EmbeddedPostgres, sessions: SessionFactory
 ) -> None:
@@ -205,19 +225,7 @@ def test_a_session_now_active_is_not_terminated(
             worker.conn, sql.SQL("select pg_sleep(30)"), "active", "app_backend", "worker", True
         )
         sessions.wait_for(running.pid, state="active")
-        action = TerminateBackend(
-            pid=observed.pid,
-            backend_start=observed.backend_start,
-            state=observed.state,
-            state_change=observed.state_change,
-            usename=observed.usename,
-            datname=observed.datname,
-            application_name=observed.application_name,
-            client_addr=observed.client_addr,
-            rule="idleAfter",
-            age_s=observed.state_age_s or 0.0,
-        )
-        records = execute(conn, [action], dry_run=False)
+        records = execute(conn, [terminate_action(observed)], dry_run=False)
     assert records[0].outcome == "skipped"
     assert alive(sessions.admin, [worker.pid]) == {worker.pid}
 
@@ -231,17 +239,8 @@ def test_a_reused_pid_is_not_terminated(
         current = next(s for s in take_snapshot(conn).sessions if s.pid == newcomer.pid)
         assert current.backend_start is not None
         # What we observed was an earlier backend that had the same pid.
-        stale = TerminateBackend(
-            pid=current.pid,
-            backend_start=current.backend_start - timedelta(seconds=5),
-            state=current.state,
-            state_change=current.state_change,
-            usename=current.usename,
-            datname=current.datname,
-            application_name=current.application_name,
-            client_addr=current.client_addr,
-            rule="idleAfter",
-            age_s=60.0,
+        stale = terminate_action(
+            current, backend_start=current.backend_start - timedelta(seconds=5)
         )
         records = execute(conn, [stale], dry_run=False)
     assert records[0].outcome == "skipped"
