@@ -22,11 +22,11 @@ from pgrelief.snapshot import (
     CLIENT_BACKEND,
     DatabaseInfo,
     RoleInfo,
-    ServerFacts,
     Session,
     Setting,
     Snapshot,
 )
+from tests import factories
 
 NOW = datetime(2025, 1, 15, 12, 0, 0, tzinfo=UTC)
 OWN_PID = 99
@@ -105,19 +105,18 @@ def snapshot(
     version_num: int | None = 170002,
     own_pid: int | None = OWN_PID,
 ) -> Snapshot:
-    return Snapshot(
-        taken_at=NOW,
-        server=ServerFacts(
-            version_num=version_num,
-            max_connections=max_connections,
-            superuser_reserved_connections=superuser_reserved,
-            reserved_connections=reserved,
-            settings=dict(DEFAULT_SETTINGS if server_settings is None else server_settings),
-        ),
-        sessions=tuple(sessions),
-        roles={role.name: role for role in roles},
-        databases={database.name: database for database in databases},
+    """factories.snapshot with plan's defaults: a PG17 server with the managed settings set."""
+    return factories.snapshot(
+        sessions,
+        roles=roles,
+        databases=databases,
+        server_settings=DEFAULT_SETTINGS if server_settings is None else server_settings,
+        max_connections=max_connections,
+        superuser_reserved=superuser_reserved,
+        reserved=reserved,
+        version_num=version_num,
         own_pid=own_pid,
+        taken_at=NOW,
     )
 
 
