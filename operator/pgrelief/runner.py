@@ -160,13 +160,11 @@ class Runner:
         snapshot = take_snapshot(conn)
         diagnosis = diagnose(snapshot, self._options())
         the_plan = plan_revert(self.policy.spec, snapshot, self.state.originals)
-        now = self.clock()
         records = execute(conn, the_plan.actions, dry_run=self.dry_run, policy=self._policy_name)
         self.audit.write(records)
         if not self.dry_run and all(r.outcome != "failed" for r in records):
             self.state.originals.clear()
             self.store.save(self.state)
-        del now
         return CycleReport(before=diagnosis, plan=the_plan, records=records)
 
     def _carry_out(self, conn: Any, the_plan: Plan, now: datetime) -> list[AuditRecord]:
