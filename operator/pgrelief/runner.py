@@ -66,12 +66,13 @@ class Runner:
         *,
         dry_run: bool = False,
         on_records: Callable[[Sequence[AuditRecord]], None] | None = None,
+        stopping: threading.Event | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.policy = policy
         self.connection = connection
         self.clock = clock
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self._audit = audit
         self._on_records = on_records
         self._cycle = Cycle(policy, store, self._record, dry_run=dry_run, clock=clock)
