@@ -23,6 +23,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
+    stop_when_event_set,
     wait_exponential,
 )
 
@@ -103,11 +104,14 @@ class ManagedConnection:
         statement_timeout: str = STATEMENT_TIMEOUT,
         lock_timeout: str = LOCK_TIMEOUT,
         reconnect_within_s: float = 10.0,
+        stopping: threading.Event | None = None,
     ) -> None:
         self._dsn = dsn
         self._statement_timeout = statement_timeout
         self._lock_timeout = lock_timeout
         self._reconnect_within_s = reconnect_within_s
+        # Set when the process is stopping: reconnect attempts end at once instead of retrying.
+        self._stopping = stopping or threading.Event()
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self.lifeline: Lifeline | None = None
         self._guard = threading.Lock()
@@ -123,7 +127,8 @@ class ManagedConnection:
         retrying = Retrying(
             retry=retry_if_exception_type((ServerRefused, ConnectFailed)),
             wait=wait_exponential(multiplier=0.1, max=2.0),
-            stop=stop_after_delay(self._reconnect_within_s),
+            stop=stop_after_delay(self._reconnect_within_s) | stop_when_event_set(self._stopping),
+            sleep=self._pause,
             reraise=True,
         )
         for attempt in retrying:
@@ -131,6 +136,9 @@ class ManagedConnection:
                 self._conn = self._open()
         assert self._conn is not None
         return self._conn
+
+    def _pause(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
 
     def _open(self) -> psycopg.Connection[tuple[object, ...]]:
         conn = connect(self._dsn, application_name=APPLICATION_NAME)

@@ -92,9 +92,15 @@ class Runner:
             return self._run_guarded(lambda: self._cycle.revert(conn))
 
     def stop(self) -> None:
-        """Ask the run to end: no new cycle, no new action; a stuck cycle is cut shortly."""
+        """Ask the run to end: no new cycle, no new action; a stuck cycle is cut shortly.
+
+        Safe in a signal handler: it takes no lock itself (the handler may have interrupted
+        the main thread while it held the connection's), a helper thread does.
+        """
         self.stopping.set()
-        self.connection.expire_within(STOP_GRACE_S)
+        threading.Thread(
+            target=self.connection.expire_within, args=(STOP_GRACE_S,), daemon=True
+        ).start()
 
     def loop(self, *, on_cycle: Callable[[CycleReport], None]) -> None:
         """Cycles every ``spec.interval`` until ``stop``; outages are waited out, not fatal."""
@@ -220,9 +226,17 @@ def run_standalone(
             "note: spec.pgbouncer is reconciled by the operator only; pgrelief run ignores it",
             file=sys.stderr,
         )
-    with ManagedConnection(dsn if dsn is not None else policy_dsn(policy)) as connection:
+    stopping = threading.Event()
+    target = dsn if dsn is not None else policy_dsn(policy)
+    with ManagedConnection(target, stopping=stopping) as connection:
         runner = Runner(
-            policy, connection, store, audit, dry_run=dry_run, on_records=_print_records
+            policy,
+            connection,
+            store,
+            audit,
+            dry_run=dry_run,
+            on_records=_print_records,
+            stopping=stopping,
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: runner.stop())
