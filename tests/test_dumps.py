@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgrelief import dumps
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.dumps import load_activity, load_settings, read_table, snapshot_from_files
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.errors import DumpError, PgreliefError
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.snapshot import Session, Snapshot
