@@ -39,7 +39,8 @@ from pgrelief.audit import AuditLog
 from pgrelief.connection import ManagedConnection
 from pgrelief.observe import SETTINGS, SNAPSHOT_QUERY
 from pgrelief.policy_file import parse_policy
-from pgrelief.runner import Runner, StateStore
+from pgrelief.runner import Runner
+from pgrelief.state_file import StateStore
 
 THRESHOLD_S = 2.0
 LEAK_ROLE = "leaky_app"

@@ -35,8 +35,9 @@ from pgrelief.errors import ServerRefused
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.plan import PlanHistory, TerminateBackend, plan
 from pgrelief.policy_file import parse_policy
-from pgrelief.runner import Runner, StateStore
+from pgrelief.runner import Runner
 from pgrelief.snapshot import Session
+from pgrelief.state_file import StateStore
 from tests.fixtures.postgres import SessionFactory
 
 POLICY = """\

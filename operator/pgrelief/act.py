@@ -5,7 +5,7 @@ re-checks, in the same statement, that the session is still the one observed (sa
 backend_start, state and state_change), so a session that turned active or a reused pid is
 never killed; and every action, performed or not, becomes one audit record with its outcome.
 All names and values reach SQL through ``psycopg.sql`` (DDL cannot take server-side
-parameters).
+parameters); the ALTER statements themselves are described once, in ``statements``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pgrelief.plan import (
     SetSystemSetting,
     TerminateBackend,
 )
+from pgrelief.statements import RELOAD_CONF, Statement, Value
 
 Connection = psycopg.Connection[tuple[Any, ...]]
 
@@ -85,7 +86,7 @@ def execute(
             )
         )
     if reload_needed:
-        conn.execute("select pg_reload_conf()")
+        conn.execute(composed(RELOAD_CONF))
     return records
 
 
@@ -126,29 +127,26 @@ def _terminate(conn: Connection, action: TerminateBackend, version_num: int) -> 
 
 def alter_statement(action: Action) -> sql.Composed | None:
     """The DDL for a limit or setting action, names and values quoted by psycopg.sql."""
-    if isinstance(action, SetRoleConnectionLimit):
-        return sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
-            sql.Identifier(action.role), sql.Literal(action.limit)
-        )
-    if isinstance(action, SetDatabaseConnectionLimit):
-        return sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
-            sql.Identifier(action.database), sql.Literal(action.limit)
-        )
-    if isinstance(action, SetRoleSetting):
-        if action.value is None:
-            return sql.SQL("ALTER ROLE {} RESET {}").format(
-                sql.Identifier(action.role), sql.Identifier(action.setting)
-            )
-        return sql.SQL("ALTER ROLE {} SET {} = {}").format(
-            sql.Identifier(action.role), sql.Identifier(action.setting), sql.Literal(action.value)
-        )
-    if isinstance(action, SetSystemSetting):
-        if action.value is None:
-            return sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(action.setting))
-        return sql.SQL("ALTER SYSTEM SET {} = {}").format(
-            sql.Identifier(action.setting), sql.Literal(action.value)
-        )
+    if isinstance(
+        action,
+        SetRoleConnectionLimit | SetRoleSetting | SetDatabaseConnectionLimit | SetSystemSetting,
+    ):
+        return composed(action.statement)
     return None
+
+
+def composed(statement: Statement) -> sql.Composed:
+    """``statement`` for execution: names as ``sql.Identifier``, values as ``sql.Literal``.
+
+    The text shown for the same statement is rendered by ``advice`` from the same parts.
+    """
+    parts: list[sql.Composable] = []
+    for part in statement.parts:
+        if isinstance(part, Value):
+            parts.append(sql.Literal(part.value))
+        else:
+            parts.append(sql.Identifier(part.value))
+    return sql.SQL(statement.template).format(*parts)
 
 
 def _error_text(error: psycopg.Error) -> str:

@@ -6,18 +6,21 @@ them back, a role called ``we"ird role`` included, and terminate statements re-c
 was observed so that pasting them a minute late cannot kill the wrong session.
 
 These are display texts built without a server: the I/O modules that execute SQL compose it
-with ``psycopg.sql`` instead. The numbers (pool sizes, limits) come from ``sizing``; this
-module only words them.
+with ``psycopg.sql`` instead. The ALTER statements are described once in ``statements``: this
+module renders their text, ``act`` their executed form. The numbers (pool sizes, limits) come
+from ``sizing``; this module only words them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from pgrelief import pgbouncer_ini as _ini
+from pgrelief import statements as stmt
 from pgrelief.snapshot import Session
+from pgrelief.statements import Name, Parameter, Statement
 
 SQLALCHEMY = "sqlalchemy"
 DJANGO = "django"
@@ -212,24 +215,49 @@ def pattern_signal_sql(
     return "\n".join(lines) + ";"
 
 
+def fix_sql(*statements: Statement) -> str:
+    """Statements as a fix text prints them: one per line, key words in lower case, names
+    bare where PostgreSQL reads them back unchanged (``quote_ident``)."""
+    return "\n".join(_statement_text(s, quote_ident, lower=True) for s in statements)
+
+
+def action_sql(*statements: Statement) -> str:
+    """Statements as an action shows them: on one line, key words in upper case, object names
+    always in double quotes, as the action's target reads (``role "app"``)."""
+    return " ".join(_statement_text(s, quoted_name, lower=False) for s in statements)
+
+
+def _statement_text(statement: Statement, quote_name: Callable[[str], str], *, lower: bool) -> str:
+    texts: list[str] = []
+    for part in statement.parts:
+        if isinstance(part, Name):
+            texts.append(quote_name(part.value))
+        elif isinstance(part, Parameter):
+            texts.append(quote_ident(part.value))
+        elif isinstance(part.value, str):
+            texts.append(quote_literal(part.value))
+        else:
+            texts.append(str(part.value))
+    template = statement.template.lower() if lower else statement.template
+    return template.format(*texts) + ";"
+
+
 def alter_role_connection_limit(role: str, limit: int) -> str:
-    return f"alter role {quote_ident(role)} connection limit {limit};"
+    return fix_sql(stmt.alter_role_connection_limit(role, limit))
 
 
 def alter_database_connection_limit(database: str, limit: int) -> str:
-    return f"alter database {quote_ident(database)} connection limit {limit};"
+    return fix_sql(stmt.alter_database_connection_limit(database, limit))
 
 
 def alter_role_set(role: str, setting: str, value: str) -> str:
     """A per-role default; it applies to the role's sessions that start after it."""
-    return f"alter role {quote_ident(role)} set {setting} = {quote_literal(value)};"
+    return fix_sql(stmt.alter_role_set(role, setting, value))
 
 
 def alter_system_set(settings: Sequence[tuple[str, str]], *, reload: bool = True) -> str:
-    lines = [f"alter system set {name} = {quote_literal(value)};" for name, value in settings]
-    if reload:
-        lines.append("select pg_reload_conf();")
-    return "\n".join(lines)
+    alters = [stmt.alter_system_set(name, value) for name, value in settings]
+    return fix_sql(*alters, *([stmt.RELOAD_CONF] if reload else []))
 
 
 # --- PgBouncer ------------------------------------------------------------------------------
