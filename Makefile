@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 
 demo: install
-	$(PYTHON) -m pgrelief.demo
+	$(PYTHON) -m pgrelief._dev.demo
 
 kube-tools:
 	bash scripts/install-kube-tools.sh "$(CACHE_DIR)/bin"

@@ -32,7 +32,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pgrelief.diagnose import diagnose
-from pgrelief.dumps import _fast_activity, snapshot_from_files
+from pgrelief.dumps import snapshot_from_files
+from pgrelief.dumps._arrow import fast_activity
 from pgrelief.snapshot import Snapshot
 
 # The header lines as PostgreSQL 17/18 write them.
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         activity, settings = write_dump(Path(tmp), top, unique=True)
         _row("unique", top, activity, settings, args.runs)
         # Which reader the timings are of: pyarrow may be missing, or decline a file.
-        fast = _fast_activity(activity, activity.read_bytes()) is not None
+        fast = fast_activity(activity, activity.read_bytes()) is not None
     reader = "pyarrow (fast path)" if fast else "csv module (reference path)"
     print(
         f"\nmedians of {args.runs} runs. parse+diag: snapshot_from_files + diagnose (breakdowns, "

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import psycopg
 
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.audit import AuditLog
 from pgrelief.connection import ManagedConnection
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.observe import SETTINGS, SNAPSHOT_QUERY
 from pgrelief.policy_file import parse_policy
 from pgrelief.runner import Runner

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from pgrelief import advice
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.snapshot import Session
 from tests.factories import TAKEN_AT, session
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.crd import crd_yaml
-from pgrelief.embedded import EmbeddedPostgres
 from tests.fixtures.postgres import SessionFactory
 from tests.test_dumps import copy_csv, json_agg
 

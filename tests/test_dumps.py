@@ -18,9 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgrelief import dumps
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.dumps import load_activity, load_settings, read_table, snapshot_from_files
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief.dumps._arrow import fast_activity
+from pgrelief.dumps.activity import sessions_from
+from pgrelief.dumps.tables import HOW_TO, parse_table
 from pgrelief.errors import DumpError, PgreliefError
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.snapshot import Session, Snapshot
@@ -456,19 +458,19 @@ def test_settings_that_do_not_add_up(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ fast path = reference path
-# A psql CSV activity dump is read by pyarrow (dumps._fast_activity); every other file, and
+# A psql CSV activity dump is read by pyarrow (dumps._arrow.fast_activity); every other file, and
 # any file that reader might read differently, by the csv module (the reference). These tests
 # hold the fast path to the reference's result, value for value (repr: offsets and floats).
 def reference(data: bytes, path: Path = Path("activity.csv")) -> str:
     """repr of the reference path's ActivityDump, or its error message."""
     try:
-        return repr(dumps._sessions(dumps._parse_table(path, data, dumps._HOW_TO)))
+        return repr(sessions_from(parse_table(path, data, HOW_TO)))
     except DumpError as failure:
         return f"DumpError: {failure}"
 
 
 def fast(data: bytes, path: Path = Path("activity.csv")) -> str | None:
-    found = dumps._fast_activity(path, data)
+    found = fast_activity(path, data)
     return None if found is None else repr(found)
 
 
@@ -518,7 +520,7 @@ def test_psql_csv_takes_the_fast_path_with_the_reference_result(
 ) -> None:
     synthetic = copy_csv(pg_server, SYNTHETIC_ACTIVITY, tmp_path / "s.csv", timezone=timezone)
     data = synthetic.read_bytes()
-    found = dumps._fast_activity(synthetic, data)
+    found = fast_activity(synthetic, data)
     assert found is not None
     assert repr(found) == reference(data, synthetic)
     assert found.clock_source == "column now"
@@ -543,7 +545,7 @@ def test_psql_csv_takes_the_fast_path_with_the_reference_result(
             pg_server, "select * from pg_stat_activity", tmp_path / "a.csv", timezone=timezone
         )
     data = live.read_bytes()
-    found = dumps._fast_activity(live, data)
+    found = fast_activity(live, data)
     assert found is not None
     assert repr(found) == reference(data, live)
     zone = ZoneInfo(timezone)
@@ -712,11 +714,11 @@ def test_input_pyarrow_reads_differently_takes_the_reference_path(tmp_path: Path
     hexadecimal.write_text(f"{header}0x10,u,idle,{stamp},\n")  # pyarrow: 16
     expect_dump_error(hexadecimal, "line 2, column pid: '0x10' is not an integer")
     for path in (after_quote, hexadecimal):
-        assert dumps._fast_activity(path, path.read_bytes()) is None
+        assert fast_activity(path, path.read_bytes()) is None
     # What int() reads and pyarrow does not: the reference reads it, as before.
     spaced = tmp_path / "spaced.csv"
     spaced.write_text(f'{header}" 7",u,idle,{stamp},\n')
-    assert dumps._fast_activity(spaced, spaced.read_bytes()) is None
+    assert fast_activity(spaced, spaced.read_bytes()) is None
     assert [s.pid for s in load_activity(spaced).sessions] == [7]
     # A query as long as track_activity_query_size allows (1 MB): both paths read it.
     long_query = "select '" + "x" * 1_000_000 + "'"
@@ -726,5 +728,5 @@ def test_input_pyarrow_reads_differently_takes_the_reference_path(tmp_path: Path
     # Undecodable bytes in a column that is read: replaced, as the reference does.
     mangled = tmp_path / "mangled.csv"
     mangled.write_bytes(f"{header}1,u\xff,idle,{stamp},\n".encode("latin-1"))
-    assert dumps._fast_activity(mangled, mangled.read_bytes()) is None
+    assert fast_activity(mangled, mangled.read_bytes()) is None
     assert [s.usename for s in load_activity(mangled).sessions] == ["u\ufffd"]

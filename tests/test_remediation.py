@@ -25,12 +25,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.act import execute
 from pgrelief.audit import AuditLog
 from pgrelief.connection import ManagedConnection
 from pgrelief.diagnose import DiagnoseOptions, diagnose
 from pgrelief.diagnosis import Severity
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.errors import ServerRefused
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.plan import PlanHistory, TerminateBackend, plan

@@ -19,8 +19,8 @@ from psycopg import sql
 
 from pgrelief import advice
 from pgrelief import statements as stmt
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.act import alter_statement, composed
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.plan import (
     Change,
     SetDatabaseConnectionLimit,

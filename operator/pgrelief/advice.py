@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from pgrelief import pgbouncer_ini as _ini
 from pgrelief import statements as stmt
 from pgrelief.snapshot import Session
 from pgrelief.statements import Name, Parameter, Statement
@@ -46,7 +47,6 @@ _RESERVED = frozenset(
     variadic verbose when where window with public none""".split()  # noqa: SIM905
 )
 _SIMPLE_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
-_PGBOUNCER_BARE = re.compile(r"[0-9A-Za-z_.-]+")
 
 
 def quote_ident(name: str) -> str:
@@ -262,6 +262,9 @@ def alter_system_set(settings: Sequence[tuple[str, str]], *, reload: bool = True
 
 # --- PgBouncer ------------------------------------------------------------------------------
 
+# The fragment diagnose shows is the file the operator's ConfigMap carries: one renderer.
+pgbouncer_ini = _ini.pgbouncer_ini
+
 LISTEN = "LISTEN"
 ADVISORY_LOCK = "advisory lock"
 PREPARE = "PREPARE"
@@ -297,96 +300,6 @@ def session_feature(query: str) -> str | None:
     if head.startswith("declare ") and _HOLD.match(query.lstrip()):
         return HOLD_CURSOR
     return None
-
-
-def _pgbouncer_key(name: str) -> str:
-    if _PGBOUNCER_BARE.fullmatch(name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _pgbouncer_value(value: str) -> str:
-    if value and " " not in value and "'" not in value:
-        return value
-    return "'" + value.replace("'", "''") + "'"
-
-
-def pgbouncer_ini(
-    *,
-    pool_mode: str,
-    default_pool_size: int,
-    reserve_pool_size: int,
-    max_client_conn: int,
-    max_db_connections: int | None = None,
-    databases: Sequence[str] = ("mydb",),
-    session_pools: Mapping[str, int] | None = None,
-    host: str = "127.0.0.1",
-    port: int = 5432,
-    notes: Sequence[str] = (),
-) -> str:
-    """A pgbouncer.ini fragment in the domain reference's shape, sized and commented.
-
-    ``session_pools`` maps a database to the pool size of an extra ``<db>_session`` entry in
-    session mode, for the clients that need session features while the rest share
-    ``pool_mode`` (per-database ``pool_mode`` overrides the global one).
-    """
-    if pool_mode not in ("transaction", "session", "statement"):
-        raise ValueError(f"unknown PgBouncer pool_mode {pool_mode!r}")
-    lines = ["; PgBouncer config — /etc/pgbouncer/pgbouncer.ini (sized by pgrelief)"]
-    lines.extend(f"; {note}" for note in notes)
-    lines += ["[databases]", "; point host= at your PostgreSQL server"]
-    target = f"host={_pgbouncer_value(host)} port={port}"
-    for database in databases or ("mydb",):
-        lines.append(f"{_pgbouncer_key(database)} = {target} dbname={_pgbouncer_value(database)}")
-    for database, size in (session_pools or {}).items():
-        lines.append(
-            f"{_pgbouncer_key(database + '_session')} = {target} "
-            f"dbname={_pgbouncer_value(database)} pool_mode=session pool_size={max(size, 1)}"
-        )
-    lines += [
-        "",
-        "[pgbouncer]",
-        "listen_addr = 0.0.0.0",
-        "listen_port = 6432",
-        "auth_type = md5",
-        "auth_file = /etc/pgbouncer/userlist.txt",
-        "",
-        (
-            "; Transaction pooling — connections returned after each transaction"
-            if pool_mode == "transaction"
-            else f"; {pool_mode.capitalize()} pooling — see the notes above for why"
-        ),
-        f"pool_mode = {pool_mode}",
-        "",
-        "; Max connections PgBouncer opens to PostgreSQL (per database/user pair)",
-        f"default_pool_size = {default_pool_size}",
-        "",
-        "; Extra connections allowed during traffic spikes",
-        f"reserve_pool_size = {reserve_pool_size}",
-        "reserve_pool_timeout = 3",
-    ]
-    if max_db_connections is not None:
-        lines += [
-            "",
-            "; Hard cap per database across all users, so the pools never exceed usable slots",
-            f"max_db_connections = {max_db_connections}",
-        ]
-    lines += [
-        "",
-        "; Max client connections PgBouncer accepts",
-        f"max_client_conn = {max_client_conn}",
-        "",
-        "; Close server connections that have been idle this long",
-        "server_idle_timeout = 300",
-        "",
-        "; Force-close server connections after this lifetime",
-        "server_lifetime = 3600",
-        "",
-        "; Log connections/disconnections for leak debugging",
-        "log_connections = 1",
-        "log_disconnections = 1",
-    ]
-    return "\n".join(lines)
 
 
 # --- ORM pools ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import NoReturn
 import click
 
 from pgrelief import __version__
+from pgrelief.advice import STACKS
 from pgrelief.crd import crd_yaml
 from pgrelief.diagnose import DiagnoseOptions, OptionsError, diagnose_refusal
 from pgrelief.diagnose import diagnose as run_diagnosis
@@ -29,7 +30,6 @@ from pgrelief.runner import run_standalone
 from pgrelief.sizing import SizeError, parse_size, size_server
 
 EXIT_ERROR = int(Severity.UNKNOWN)
-_STACKS = ("sqlalchemy", "django", "rails", "hikaricp")
 
 
 def _duration_option(value: str | None, flag: str) -> float | None:
@@ -70,7 +70,7 @@ def cli() -> None:
 )
 @click.option("--long-running-after", help="Active this long is a long-running query (5m).")
 @click.option("--memory", help="Server RAM (e.g. 16GB) to check max_connections against.")
-@click.option("--stack", type=click.Choice(_STACKS), help="Force the ORM advice for this stack.")
+@click.option("--stack", type=click.Choice(STACKS), help="Force the ORM advice for this stack.")
 @click.option("--warning-percent", type=click.IntRange(1, 100), default=70, show_default=True)
 @click.option("--critical-percent", type=click.IntRange(1, 100), default=90, show_default=True)
 def diagnose(
