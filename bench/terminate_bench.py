@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.act import execute
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.plan import TerminateBackend
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief._dev.embedded import EmbeddedPostgres
 
 POLICY = """\
 apiVersion: pgrelief.dev/v1alpha1

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.errors import ConnectFailed
 from pgrelief.observe import connect, describe_dsn
 from tests.runs import write_policy

@@ -26,11 +26,11 @@ import pytest
 from psycopg import sql
 
 from pgrelief import runner as runner_module
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.act import execute
 from pgrelief.audit import AuditLog, AuditRecord
 from pgrelief.connection import ManagedConnection
 from pgrelief.diagnosis import Severity
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.errors import ConnectFailed
 from pgrelief.history import RemediationHistory
 from pgrelief.observe import take_snapshot
