@@ -48,7 +48,10 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--dsn", help="libpq connection string or URI of the server to inspect.")
+@click.option(
+    "--dsn",
+    help='libpq connection string or URI of the server to inspect ("" = the PG* environment).',
+)
 @click.option(
     "--activity-file",
     type=click.Path(path_type=Path),
@@ -122,7 +125,7 @@ def diagnose(
         raise click.UsageError(str(error)) from None
     diagnosis = (
         _diagnose_live(dsn, options)
-        if dsn
+        if dsn is not None
         else _diagnose_files(activity_file, settings_file, options)
     )
     _render(diagnosis, output_format)
@@ -184,9 +187,14 @@ def run(
     state_file: Path | None,
     revert: bool,
 ) -> None:
-    """Diagnose and remediate in a loop, within the policy's limits, without Kubernetes."""
+    """Diagnose and remediate in a loop, within the policy's limits, without Kubernetes.
 
-    run_standalone(
+    Exit status: 0 done (or stopped by SIGTERM/SIGINT), 1 a --once or --revert cycle had
+    failed actions, 3 error (nothing is done when the audit file or state file cannot be
+    written; a run that cannot write them mid-way stops and says what was done).
+    """
+
+    status = run_standalone(
         policy_file,
         dsn=dsn,
         once=once,
@@ -195,6 +203,7 @@ def run(
         state_file=state_file,
         revert=revert,
     )
+    sys.exit(status)
 
 
 def _size_option(value: str | None, flag: str) -> int | None:
