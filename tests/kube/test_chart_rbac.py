@@ -9,6 +9,7 @@ The test API server runs no pods: the operator runs as a local process, as in te
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 import uuid
@@ -23,7 +24,7 @@ from psycopg import sql
 from pgrelief._dev.embedded import EmbeddedPostgres
 from tests.fixtures.kube import KubeApiServer
 from tests.fixtures.postgres import SessionFactory
-from tests.kube.chart import ChartOperator, Release, installed, operator_args
+from tests.kube.chart import ChartOperator, Release, find, installed, operator_args, render
 from tests.kube.operator_harness import (
     CRD_FILES,
     apply,
@@ -35,6 +36,7 @@ from tests.kube.operator_harness import (
     wait_condition,
     wait_until,
 )
+from tests.kube.promql import Exported, problems
 from tests.runs import alive
 
 pytestmark = pytest.mark.kube
@@ -246,3 +248,50 @@ def test_without_writing_status_ready_never_comes_and_the_log_says_403(
     assert "HTTP 403 Forbidden" in operator.logs()
     assert "status" not in get_policy(kube, ns, "mute")  # Ready never appears, let alone True
     assert operator.forbidden()
+
+
+# Series Prometheus adds itself for every target a ServiceMonitor scrapes.
+PROMETHEUS_SERIES = {"up": {"job", "namespace", "instance", "pod", "service"}}
+_LABEL_VALUES = re.compile(r"label_values\((\w+)(?:\{[^}]*\})?,\s*(\w+)\)")
+
+
+def test_every_alert_and_panel_names_what_the_operator_exports(
+    chart: Installed, pg_server: EmbeddedPostgres, sessions: SessionFactory
+) -> None:
+    """Scrape an operator that has terminated sessions and failed cycles, then read every
+    metric, label and label value the PrometheusRule and the dashboard refer to in it."""
+    kube, ns = chart.kube, chart.namespace
+    operator = chart.operator()
+    leaked = _leak(sessions, 2)
+    apply(kube, policy_manifest("busy", ns, host=pg_server.host, port=pg_server.port))
+    apply(kube, policy_manifest("lost", ns, host=pg_server.host, port=pg_server.port,
+                                secret="absent"))  # fmt: skip
+    wait_until("the leaked sessions to be gone", lambda: not alive(sessions.admin, leaked))
+    wait_condition(kube, ns, "lost", reason="CredentialsMissing")
+    exported = Exported.parse(operator.metrics())
+    assert {"pgrelief_actions_total", "pgrelief_cycle_failures_total",
+            "pgrelief_cycle_duration_seconds_bucket"} <= set(exported.labels)  # fmt: skip
+
+    docs = render({"metrics": {"serviceMonitor": {"enabled": True},
+                               "prometheusRule": {"enabled": True},
+                               "dashboard": {"enabled": True}}})  # fmt: skip
+    found: list[str] = []
+    (rule_object,) = find(docs, "PrometheusRule")
+    alerts = [r for g in rule_object["spec"]["groups"] for r in g["rules"]]
+    assert len(alerts) >= 6
+    for alert in alerts:
+        for problem in problems(alert["expr"], exported, extra=PROMETHEUS_SERIES,
+                                templates=json.dumps(alert["annotations"])):  # fmt: skip
+            found.append(f"alert {alert['alert']}: {problem}")
+    dashboard = json.loads(find(docs, "ConfigMap")[0]["data"]["pgrelief.json"])
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    for panel in panels:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "5m")
+            found += [f"panel {panel['title']!r}: {p}" for p in problems(expr, exported)]
+    for variable in dashboard["templating"]["list"]:
+        for metric, label in _LABEL_VALUES.findall(json.dumps(variable.get("query", ""))):
+            if label not in exported.labels.get(metric, {}):
+                found.append(f"variable {variable['name']}: {metric} has no label {label}")
+    assert found == []
+    _no_refusals(operator)
