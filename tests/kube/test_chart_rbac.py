@@ -65,8 +65,8 @@ class Installed:
     def namespace(self) -> str:
         return self.release.namespace
 
-    def operator(self) -> ChartOperator:
-        args = tuple(operator_args(self.release.manifests()))
+    def operator(self, *extra: str) -> ChartOperator:
+        args = (*operator_args(self.release.manifests()), *extra)
         process = ChartOperator(self.kube, self.namespace, self.work_dir,
                                 kubeconfig=self.kubeconfig, chart_args=args)  # fmt: skip
         self.started.append(process.start())
@@ -92,6 +92,13 @@ def chart(
 def _no_refusals(*operators: ChartOperator) -> None:
     for process in operators:
         assert process.forbidden() == [], process.logs()[-3000:]
+
+
+def _scrape(operator: ChartOperator) -> str:
+    try:
+        return operator.metrics()
+    except OSError:  # not listening yet
+        return ""
 
 
 def _leak(sessions: SessionFactory, count: int) -> list[int]:
@@ -295,3 +302,19 @@ def test_every_alert_and_panel_names_what_the_operator_exports(
                 found.append(f"variable {variable['name']}: {metric} has no label {label}")
     assert found == []
     _no_refusals(operator)
+
+
+def test_a_replica_paused_by_peering_stops_exporting_the_policy(
+    chart: Installed, pg_server: EmbeddedPostgres
+) -> None:
+    """The alerts take the max over replicas: a standby must not keep its last values."""
+    kube, ns = chart.kube, chart.namespace
+    first = chart.operator("--priority=10")
+    apply(kube, policy_manifest("handover", ns, host=pg_server.host, port=pg_server.port))
+    series = f'pgrelief_utilization_ratio{{namespace="{ns}",policy="handover"}}'
+    wait_until("the first replica's series", lambda: series in _scrape(first))
+    second = chart.operator("--priority=100")
+    wait_until("the second replica's series", lambda: series in _scrape(second), timeout=60)
+    wait_until("the paused replica to drop its series", lambda: series not in first.metrics())
+    assert "Pausing operations in favour of" in first.logs()
+    _no_refusals(first, second)
