@@ -185,7 +185,7 @@ def test_install_upgrade_and_uninstall_keep_the_crds_and_the_policies(
         kube.kubectl("get", "service", f"{name}-metrics", "-n", ns)
         kube.kubectl("get", "kopfpeering", "pgrelief", "-n", ns)
         kube.kubectl("get", "clusterrole,clusterrolebinding", f"{name}-observer")
-        apply(kube, policy_manifest("kept", ns, host="db.example", port=5432))
+        apply(kube, policy_manifest("kept", ns, host="127.0.0.1", port=9))
 
         other = f"w-{uuid.uuid4().hex[:8]}"
         kube.kubectl("create", "namespace", other)

@@ -22,7 +22,7 @@ import pytest
 from psycopg import sql
 
 from pgrelief._dev.embedded import EmbeddedPostgres
-from tests.fixtures.kube import KubeApiServer
+from tests.fixtures.kube import KubeApiServer, build_testenv, start_apiserver
 from tests.fixtures.postgres import SessionFactory
 from tests.kube.chart import ChartOperator, Release, find, installed, operator_args, render
 from tests.kube.operator_harness import (
@@ -318,3 +318,47 @@ def test_a_replica_paused_by_peering_stops_exporting_the_policy(
     wait_until("the paused replica to drop its series", lambda: series not in first.metrics())
     assert "Pausing operations in favour of" in first.logs()
     _no_refusals(first, second)
+
+
+@pytest.fixture(scope="module")
+def own_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
+    """An API server of its own: an operator watching every namespace must not meet the
+    policies other tests leave behind (it would add its finalizer to them, and dial them)."""
+    server = start_apiserver(build_testenv(), tmp_path_factory.mktemp("own-apiserver"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_cluster_wide_under_the_chart_cluster_role(
+    own_apiserver: KubeApiServer, pg_server: EmbeddedPostgres, sessions: SessionFactory,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    kube = own_apiserver
+    for path in CRD_FILES:
+        kube.kubectl("apply", "--server-side", "-f", str(path))
+    kube.kubectl("wait", "--for=condition=Established", "crd/connectionpolicies.pgrelief.dev")
+    kube.kubectl("create", "namespace", "ops")
+    kube.kubectl("create", "namespace", "team-a")
+    with installed(kube, "ops", {"watch": {"allNamespaces": True}}) as release:
+        assert kube.kubectl("get", "role", "-A", "-l",
+                            f"app.kubernetes.io/instance={release.name}").stdout == ""  # fmt: skip
+        kube.kubectl("get", "clusterkopfpeering", "pgrelief")
+        args = operator_args(release.manifests())
+        assert "--all-namespaces" in args
+        operator = ChartOperator(kube, "team-a", tmp_path, chart_args=tuple(args),
+                                 kubeconfig=release.service_account_kubeconfig()).start()  # fmt: skip
+        try:
+            apply(kube, secret_manifest("pg-login", "team-a", "postgres", "unused"))
+            leaked = _leak(sessions, 2)
+            apply(kube, policy_manifest("wide", "team-a", host=pg_server.host,
+                                        port=pg_server.port))  # fmt: skip
+            wait_until("the leaked sessions to be gone", lambda: not alive(sessions.admin, leaked))
+            wait_condition(kube, "team-a", "wide", status="True")
+            wait_until("BackendTerminated", lambda: _named(kube, "team-a", "wide",
+                                                           "BackendTerminated"))  # fmt: skip
+            kube.kubectl("delete", "cpol", "wide", "-n", "team-a", "--timeout=60s")
+            _no_refusals(operator)
+        finally:
+            operator.stop()
