@@ -27,5 +27,11 @@ typecheck:
 test: install lint typecheck
 	$(PYTHON) -m pytest -q
 
+# The CRD is generated from the policy model; the chart ships byte-identical copies of crds/
+# (tests/test_chart_files.py fails when they drift).
+crd:
+	$(PYTHON) -m pgrelief crd > crds/connectionpolicies.pgrelief.dev.yaml
+	cp crds/*.yaml charts/pgrelief/crds/
+
 bench: install
 	$(PYTHON) bench/diagnose_bench.py
