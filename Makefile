@@ -2,7 +2,7 @@
 PYTHON ?= python3
 CACHE_DIR ?= $(HOME)/.cache/pgrelief
 
-.PHONY: install demo test lint typecheck kube-testenv kube-tools bench crd
+.PHONY: install demo test lint typecheck kube-testenv kube-tools wheelhouse bench crd
 
 install:
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
@@ -12,6 +12,10 @@ demo: install
 
 kube-tools:
 	bash scripts/install-kube-tools.sh "$(CACHE_DIR)/bin"
+
+# The wheels tests/test_image.py installs offline (runtime dependencies and build backend).
+wheelhouse:
+	bash scripts/wheelhouse.sh "$(CACHE_DIR)/wheelhouse"
 
 kube-testenv:
 	bash tests/kube-testenv/build.sh "$(CACHE_DIR)"
