@@ -21,13 +21,14 @@ from pgrelief.crd import crd_yaml
 from pgrelief.diagnose import DiagnoseOptions, OptionsError, diagnose_refusal
 from pgrelief.diagnose import diagnose as run_diagnosis
 from pgrelief.diagnosis import Diagnosis, Severity
-from pgrelief.dumps import snapshot_from_files
+from pgrelief.dumps import load_input
 from pgrelief.durations import DurationError, parse_duration
 from pgrelief.errors import PgreliefError, ServerRefused
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.report import render_json, render_sizing, render_text
 from pgrelief.runner import run_standalone
 from pgrelief.sizing import SizeError, parse_size, size_server
+from pgrelief.triage import diagnose_offline
 
 EXIT_ERROR = int(Severity.UNKNOWN)
 
@@ -144,7 +145,8 @@ def _diagnose_files(
 ) -> Diagnosis:
 
     assert activity_file is not None
-    return run_diagnosis(snapshot_from_files(activity_file, settings_file), options)
+    loaded = load_input(activity_file, settings_file)
+    return diagnose_offline(loaded.found, options, loaded.notes)
 
 
 def _render(diagnosis: Diagnosis, output_format: str) -> None:
