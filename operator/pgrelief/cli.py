@@ -53,12 +53,14 @@ def cli() -> None:
 @click.option(
     "--activity-file",
     type=click.Path(path_type=Path),
-    help="pg_stat_activity dump: psql \\copy CSV with header, or json_agg JSON.",
+    help="pg_stat_activity as pasted, '-' for stdin: psql's aligned or \\x output, CSV with "
+    "a header, or JSON; or the output of the three triage queries (a partial diagnosis). "
+    "SHOW ALL / pg_settings may follow in the same paste.",
 )
 @click.option(
     "--settings-file",
     type=click.Path(path_type=Path),
-    help="pg_settings dump (CSV or JSON) to go with --activity-file.",
+    help="pg_settings or SHOW ALL output (any of those formats) to go with --activity-file.",
 )
 @click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--idle-after", help="Idle this long counts as a leaked session (default 30m).")
@@ -85,6 +87,15 @@ def diagnose(
     critical_percent: int,
 ) -> None:
     """Explain what is using the connection slots, with evidence and fixes.
+
+    \b
+    Live:    pgrelief diagnose --dsn 'host=db user=postgres'
+    Pasted:  psql -X -c 'select now(), * from pg_stat_activity' -c 'show all' \\
+               | pgrelief diagnose --activity-file -
+
+    The output of the seed's three triage queries (connections by state; by usename,
+    application_name and state; the 20 oldest idle sessions with now() - state_change as
+    idle_duration) gives a partial diagnosis that says what needs the full dump.
 
     Exit status: 0 healthy, 1 warning, 2 critical, 3 unknown or error.
     """

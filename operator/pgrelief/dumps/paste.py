@@ -134,6 +134,7 @@ _UTF8_SEQUENCE = re.compile(
 def find_tables(path: Path, text: str) -> list[Found]:
     """Every table in the text, whatever its format, each with what it is."""
     check_text(path, text, ACCEPTED)
+    text = _without_preamble(text)
     stripped = text.lstrip()
     if stripped[0] in "[{":
         tables = json_tables(path, stripped, ACCEPTED, _known)
@@ -157,6 +158,7 @@ def _csv_header(text: str) -> Sequence[str] | None:
 
 def _csv_or_nothing(path: Path, text: str) -> list[Table]:
     first = text.lstrip().split("\n", 1)[0].rstrip("\r")
+    text = _from_first_header(text)
     try:
         tables = csv_tables(path, text, ACCEPTED, _known)
     except DumpError:
@@ -168,6 +170,35 @@ def _csv_or_nothing(path: Path, text: str) -> list[Table]:
             f"{path}: not a dump pgrelief can read (first line: {clip(first)!r}); {ACCEPTED}"
         )
     return tables
+
+
+# What psql prints before a result in a terminal: the prompt with the command, and the
+# answers to \pset and \x.
+_PREAMBLE = re.compile(
+    r"\s*(?:[^\s|,]*[=\-(*'\"][#>].*|(?:Output format|Expanded display|Border style|Line style"
+    r"|Null display|Target width|Tuples only|Field separator|Record separator|Pager usage"
+    r"|Title|Default footer|Timing) is .*|Time: .*|Pager usage is .*)?"
+)
+
+
+def _without_preamble(text: str) -> str:
+    """The text with the prompt and psql's messages before the first table blanked (line
+    numbers stay the file's)."""
+    lines = text.split("\n")
+    for number, line in enumerate(lines):
+        if _PREAMBLE.fullmatch(line) is None:
+            return "\n" * number + "\n".join(lines[number:]) if number else text
+    return text
+
+
+def _from_first_header(text: str) -> str:
+    """The text from its first line of known column names on (psql's "Output format is
+    csv." or the prompt before it blanked, so line numbers stay the file's)."""
+    lines = text.split("\n")
+    for number, line in enumerate(lines[:50]):
+        if _csv_header(line) is not None:
+            return "\n" * number + "\n".join(lines[number:])
+    return text
 
 
 def _known(columns: Sequence[str]) -> bool:
