@@ -97,11 +97,11 @@ def _too_big(name: str, size: int | None) -> str:
 def decode(name: str, data: bytes) -> tuple[str, str | None]:
     """The text of a dump, and a note when it was not UTF-8 (None when it was).
 
-    psql writes in the client encoding, so a LATIN1 terminal or a SQL_ASCII database gives
-    bytes that are not UTF-8. Mostly valid UTF-8 with a few bad bytes (one odd query in a
-    SQL_ASCII database) is read as UTF-8 with those bytes replaced; bytes that are never
-    valid UTF-8 are read as LATIN1, where every byte is a character. Either way the report
-    says so once, instead of showing mojibake as if it were a role's name.
+    psql writes in the client encoding, so a LATIN1 terminal gives LATIN1 bytes, and a session
+    in a SQL_ASCII database puts its own bytes into an otherwise UTF-8 dump. Each line that is
+    not UTF-8 is read as LATIN1, where every byte is a character (the most likely encoding,
+    and never an error), and the report says so once instead of showing mojibake or U+FFFD as
+    if it were a role's name.
     """
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16"), None  # PowerShell's redirection writes UTF-16
@@ -111,24 +111,29 @@ def decode(name: str, data: bytes) -> tuple[str, str | None]:
         return data.decode("utf-8-sig"), None
     except UnicodeDecodeError:
         pass
-    valid = len(_UTF8_SEQUENCE.findall(data))
-    text = data.decode("utf-8-sig", errors="replace")
-    invalid = text.count("\ufffd") - data.count("\ufffd".encode())
-    if valid > invalid:
+    decoded: list[str] = []
+    other = utf8 = 0
+    for line in data.removeprefix(codecs.BOM_UTF8).split(b"\n"):
+        if line.isascii():
+            decoded.append(line.decode("ascii"))
+            continue
+        try:
+            decoded.append(line.decode("utf-8"))
+            utf8 += 1
+        except UnicodeDecodeError:
+            decoded.append(line.decode("latin-1"))
+            other += 1
+    text = "\n".join(decoded)
+    if utf8:
         return text, (
-            f"{name} is not valid UTF-8: {invalid} byte sequence(s) were replaced with "
-            "U+FFFD (a SQL_ASCII database, or a session in another encoding)"
+            f"{name} is not all UTF-8: {other} line(s) were read as LATIN1 (ISO 8859-1), the "
+            "rest as UTF-8 (a SQL_ASCII database, or a session in another encoding)"
         )
-    return data.decode("latin-1"), (
+    return text, (
         f"{name} is not UTF-8: it was read as LATIN1 (ISO 8859-1); if psql's client encoding "
         "was another one, names with accents may show wrong characters (set "
         "PGCLIENTENCODING=UTF8 when dumping)"
     )
-
-
-_UTF8_SEQUENCE = re.compile(
-    rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}"
-)
 
 
 def find_tables(path: Path, text: str) -> list[Found]:
