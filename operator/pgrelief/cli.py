@@ -29,6 +29,7 @@ from pgrelief.report import render_json, render_sizing, render_text
 from pgrelief.runner import run_standalone
 from pgrelief.sizing import SizeError, parse_size, size_server
 from pgrelief.triage import diagnose_offline
+from pgrelief.web import DEFAULT_PORT, serve
 
 EXIT_ERROR = int(Severity.UNKNOWN)
 
@@ -259,6 +260,28 @@ def size(
     except SizeError as error:
         raise click.UsageError(str(error)) from None
     render_sizing(sizing, sys.stdout, output_format)
+
+
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port on 127.0.0.1 (0: any free port; the URL is printed).",
+)
+def web(port: int) -> None:
+    """Serve a page on this machine to paste pg_stat_activity into.
+
+    The page takes what diagnose --activity-file takes (psql's output, CSV, JSON, the triage
+    queries; pasted or dropped as a file) and shows the same report: the verdict, the
+    emergency SQL with copy buttons, a chart of connections by state and by application.
+    It listens on 127.0.0.1 only and loads nothing from anywhere else.
+    """
+    try:
+        serve(port)
+    except OSError as error:
+        raise click.UsageError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
 
 
 @cli.command()
