@@ -28,9 +28,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 from pgrelief.dumps.tables import Table
 from pgrelief.errors import DumpError
@@ -138,7 +141,9 @@ def _aligned(
             "line under it; paste psql's output unchanged"
         )
     columns = tuple(content.strip().lower() for content, _ in header)
-    cells: list[list[_Cell]] = []
+    plain = _plain_splitter(layout)
+    rows: list[list[str]] = []  # each cell as printed, padding included
+    multi: dict[tuple[int, int], _Cell] = {}  # cells printed over several lines
     row_lines: list[int] = []
     open_columns: set[int] = set()  # columns whose value goes on to the next line
     number = header_at + 2
@@ -146,19 +151,26 @@ def _aligned(
     while number < len(lines):
         line = lines[number].rstrip()
         if not open_columns:
-            if not line or _BOTTOM.fullmatch(line):
+            if not line or line[0] in "(+└":  # an end: a blank line, the frame, the footer
+                if not line or _BOTTOM.fullmatch(line):
+                    number += 1
+                    if layout.framed and number < len(lines):
+                        found = _FOOTER.fullmatch(lines[number].rstrip())
+                        if found is not None:
+                            footer = int(found.group(1))
+                            number += 1
+                    break
+                found = _FOOTER.fullmatch(line)
+                if found is not None:
+                    footer = int(found.group(1))
+                    number += 1
+                    break
+            simple = plain(line) if plain is not None else None
+            if simple is not None:  # the common line: one whole row, nothing continued
+                rows.append(simple)
+                row_lines.append(number + 1)
                 number += 1
-                if layout.framed and number < len(lines):
-                    found = _FOOTER.fullmatch(lines[number].rstrip())
-                    if found is not None:
-                        footer = int(found.group(1))
-                        number += 1
-                break
-            found = _FOOTER.fullmatch(line)
-            if found is not None:
-                footer = int(found.group(1))
-                number += 1
-                break
+                continue
         split = _cells(line, layout)
         if split is None:
             if open_columns:
@@ -168,26 +180,58 @@ def _aligned(
                 )
             break
         if not open_columns:
-            cells.append([_Cell() for _ in columns])
+            rows.append([""] * len(columns))
             row_lines.append(number + 1)
             open_columns = set(range(len(columns)))
-        row = cells[-1]
+        at = len(rows) - 1
         for index, (content, right) in enumerate(split):
             if index not in open_columns:
                 continue  # its value ended on an earlier line of this row
-            row[index].parts.append(content)
+            cell = multi.setdefault((at, index), _Cell())
+            cell.parts.append(content)
             if right in _MARKS:
-                row[index].joins.append("\n" if right in _NEWLINE_MARKS else "")
+                cell.joins.append("\n" if right in _NEWLINE_MARKS else "")
             else:
                 open_columns.discard(index)
         number += 1
-    rows = _assemble(cells)
-    if footer is not None and footer != len(rows):
+    values = _assemble(rows, multi)
+    if footer is not None and footer != len(values):
         raise DumpError(
-            f"{path}: line {header_at + 1}: the footer says {footer} row(s) but {len(rows)} "
+            f"{path}: line {header_at + 1}: the footer says {footer} row(s) but {len(values)} "
             "could be read; was the paste cut, or edited inside the table?"
         )
-    return Table(path, columns, rows, row_lines=tuple(row_lines)), number
+    return Table(path, columns, values, row_lines=tuple(row_lines)), number
+
+
+def _plain_splitter(layout: _Layout) -> Callable[[str], list[str] | None] | None:
+    """A fast split for an ASCII line that holds one whole row (border 1 and 2); None for a
+    line that needs ``_cells`` (wide characters, a continued value, not lined up)."""
+    if not layout.margins or len(layout.spans) < 2:
+        return None
+    bars = layout.bars_at
+    bar_chars = itemgetter(*bars) if len(bars) > 1 else None
+    expected = "|" * len(bars)
+    spans = layout.spans if layout.framed else layout.spans[:-1]
+    margins = itemgetter(*(end - 1 for _, end in spans)) if len(spans) > 1 else None
+    slices = [slice(start + 1, end - 1) for start, end in spans]
+    last_start = layout.spans[-1][0] + 1
+    last_end = layout.spans[-1][1]
+    need = max(bars) + 1
+
+    def split(line: str) -> list[str] | None:
+        if len(line) < need or not line.isascii() or bar_chars is None or margins is None:
+            return None
+        if "".join(bar_chars(line)) != expected or "".join(margins(line)).strip(" "):
+            return None
+        cells = [line[part] for part in slices]
+        if not layout.framed:
+            last = line[last_start:]
+            if len(last) == last_end - last_start and last[-1:] in _MARKS:
+                return None  # the last value goes on to the next line
+            cells.append(last)
+        return cells
+
+    return split
 
 
 @dataclass(slots=True)
@@ -198,12 +242,35 @@ class _Cell:
     joins: list[str] = field(default_factory=list)  # "\n" (line break) or "" (wrapped)
 
 
-def _assemble(cells: list[list[_Cell]]) -> list[list[str]]:
-    """Join each cell's pieces and strip the padding psql added, by column alignment."""
-    if not cells:
+_PADDED_AFTER = re.compile("[^ \0] +\0")  # a value followed by padding
+_PADDED_BEFORE = re.compile("\0 +[^ \0]")  # padding before a value
+
+
+def _assemble(rows: list[list[str]], multi: dict[tuple[int, int], _Cell]) -> list[Sequence[str]]:
+    """Strip the padding psql added, column by column as it aligned them, and join the
+    pieces of the values printed over several lines."""
+    if not rows:
         return []
-    right = [_right_aligned([row[column] for row in cells]) for column in range(len(cells[0]))]
-    return [[_value(cell, right[index]) for index, cell in enumerate(row)] for row in cells]
+    out_columns = []
+    right: list[bool] = []
+    singles: dict[int, list[str]] = {}  # one-line values that took the slow path
+    for (_, index), cell in multi.items():
+        if len(cell.parts) == 1:
+            singles.setdefault(index, []).append(cell.parts[0])
+    for index, column in enumerate(zip(*rows, strict=True)):
+        # One C-level scan of the column: a value with trailing padding means left-aligned.
+        joined = "\0" + "\0".join((*column, *singles.get(index, ()))) + "\0"
+        aligned_right = (
+            _PADDED_AFTER.search(joined) is None and _PADDED_BEFORE.search(joined) is not None
+        )
+        right.append(aligned_right)
+        strip = str.strip if aligned_right else str.rstrip
+        out_columns.append(list(map(strip, column, repeat(" "))))
+    values: list[Sequence[str]] = list(zip(*out_columns, strict=True))
+    for (at, index), cell in multi.items():
+        row = values[at] = list(values[at])
+        row[index] = _value(cell, right[index])
+    return values
 
 
 def _value(cell: _Cell, right_aligned: bool) -> str:
@@ -222,16 +289,6 @@ def _value(cell: _Cell, right_aligned: bool) -> str:
             text = part.rstrip(" ")
         value += text + (join or "")
     return value
-
-
-def _right_aligned(cells: Sequence[_Cell]) -> bool:
-    """psql right-aligns numbers: every value ends at the column's edge, some start after it."""
-    singles = [cell.parts[0] for cell in cells if len(cell.parts) == 1 and cell.parts[0].strip()]
-    return (
-        bool(singles)
-        and not any(piece.endswith(" ") for piece in singles)
-        and any(piece.startswith(" ") for piece in singles)
-    )
 
 
 def _cells(line: str, layout: _Layout) -> list[tuple[str, str]] | None:
@@ -331,12 +388,18 @@ def _expanded(path: Path, lines: Sequence[str], first: int) -> tuple[Table, int]
     columns: list[str] = []
     rows: list[list[str]] = []
     row_lines: list[int] = []
+    junction: int | None = None
     number = first
     while number < len(lines):
         header = _RECORD.fullmatch(lines[number].rstrip())
         if header is None:
             break
-        fields, number = _record(path, lines, number, header)
+        border0 = header.group("n0") is not None
+        framed = bool(header.group("frame"))
+        body, after = _record_lines(lines, number + 1, border0, framed)
+        if body and junction is None:
+            junction = _junction(body, border0)
+        fields = _fields(path, body, junction or 0, border0, number + 2) if body else []
         names = [name for name, _ in fields]
         if not rows:
             columns = names
@@ -347,52 +410,71 @@ def _expanded(path: Path, lines: Sequence[str], first: int) -> tuple[Table, int]
             )
         rows.append([value for _, value in fields])
         row_lines.append(number + 1)
+        number = after
     if number < len(lines) and _FOOTER.fullmatch(lines[number].rstrip()):
         number += 1
     lowered = tuple(name.lower() for name in columns)
     return Table(path, lowered, rows, row_lines=tuple(row_lines)), number
 
 
-def _record(
-    path: Path, lines: Sequence[str], at: int, header: re.Match[str]
-) -> tuple[list[tuple[str, str]], int]:
-    """One ``-[ RECORD n ]`` block: (name, value) pairs and the index of the line after it."""
-    border0 = header.group("n0") is not None
-    framed = bool(header.group("frame"))
+_ENDS_RECORD = frozenset("-+┌├└*(")  # the first character of a record header, frame or footer
+
+
+def _record_lines(
+    lines: Sequence[str], number: int, border0: bool, framed: bool
+) -> tuple[list[str], int]:
+    """The field lines of one record (frame bars removed) and the index of the line after."""
     body: list[str] = []
-    number = at + 1
     while number < len(lines):
         line = lines[number].rstrip()
-        if not line or _RECORD.fullmatch(line) or _FOOTER.fullmatch(line):
+        if not line:
             break
-        if framed and _BOTTOM.fullmatch(line):
-            number += 1
-            break
-        if not border0 and not any(bar in line for bar in _BARS):
+        if line[0] in _ENDS_RECORD:
+            if _RECORD.fullmatch(line) or _FOOTER.fullmatch(line):
+                break
+            if framed and _BOTTOM.fullmatch(line):
+                number += 1
+                break
+        if not border0 and "|" not in line and "│" not in line:
             break  # the prompt after the output, or other text
         body.append(line[1:].removesuffix("|").removesuffix("│") if framed else line)
         number += 1
-    if not body:
-        return [], number
-    junction = _junction(body, border0)
+    return body, number
+
+
+def _fields(
+    path: Path, body: Sequence[str], junction: int, border0: bool, first_line: int
+) -> list[tuple[str, str]]:
+    """One record's (name, value) pairs; values printed over several lines joined."""
     skip = 1 if border0 else 2  # the bar (or space) and the margin after it
-    fields: list[tuple[str, _Cell]] = []
+    fields: list[list[Any]] = []  # name, value, and a _Cell once the value continues
     for offset, line in enumerate(body):
+        if not border0 and line[junction : junction + 1] not in _BARS:
+            raise DumpError(
+                f"{path}: line {first_line + offset}: the field does not line up with the "
+                "others of its record; paste psql's output unchanged"
+            )
         name = line[:junction].strip()
         value = line[junction + skip :]
         if name:
-            fields.append((name, _Cell([value])))
+            fields.append([name, value, None])
             continue
         if not fields:
-            raise DumpError(f"{path}: line {at + offset + 2}: a value line before any field name")
-        cell = fields[-1][1]
+            raise DumpError(f"{path}: line {first_line + offset}: a value before any field name")
+        field = fields[-1]
+        cell = field[2]
+        if cell is None:
+            cell = field[2] = _Cell([field[1]])
         previous = cell.parts[-1].rstrip(" ")  # the padding before a marker
         mark = previous[-1:]
         if mark in _MARKS:
             cell.parts[-1] = previous[:-1]
         cell.joins.append("" if mark in _WRAP_MARKS else "\n")
         cell.parts.append(value)
-    return [(name, _value(cell, right_aligned=False)) for name, cell in fields], number
+    return [
+        (name, value.rstrip(" ") if cell is None else _value(cell, right_aligned=False))
+        for name, value, cell in fields
+    ]
 
 
 def _junction(body: Sequence[str], border0: bool) -> int:
