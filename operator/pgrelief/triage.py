@@ -330,8 +330,8 @@ def _partial(triage: TriageInput, by_state: Mapping[str, int]) -> Finding:
     return Finding(
         PARTIAL_INPUT,
         Severity.HEALTHY,
-        "partial input: the triage queries answer how full the server is and who holds the "
-        "slots; the rest needs the full pg_stat_activity dump",
+        "the triage queries answer how full the server is and who holds the slots; the rest "
+        "needs the full pg_stat_activity dump",
         tuple(evidence),
         (),
         (Fix(EMERGENCY_SQL, FULL_DUMP, "get the full dump"),),
