@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,32 @@ def psql_binaries(server: EmbeddedPostgres) -> dict[str, Path]:
 
 
 def run_psql(
-    server: EmbeddedPostgres, binary: Path, *commands: str, app: str = "observer"
+    server: EmbeddedPostgres,
+    binary: Path,
+    *commands: str,
+    app: str = "observer",
+    settle: SessionFactory | None = None,
 ) -> bytes:
-    """psql over TCP like the observer, named like it: its session stands in for ours."""
+    """psql over TCP like the observer, named like it: its session stands in for ours.
+
+    With ``settle``, wait until psql's backend has left pg_stat_activity (a backend exits
+    after its client, asynchronously), so the next dump does not see it idle.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(server.libpq_env(), PGDATABASE="postgres", PGHOST=server.host, PGAPPNAME=app)
     args = [str(binary), "-X", "-v", "ON_ERROR_STOP=1"]
     for command in commands:
         args += ["-c", command]
     done = subprocess.run(args, env=env, capture_output=True, check=True, timeout=60)
+    if settle is not None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            row = settle.admin.execute(
+                "select count(*) from pg_stat_activity where application_name = %s", (app,)
+            ).fetchone()
+            if row is not None and row[0] == 0:
+                break
+            time.sleep(0.01)
     return done.stdout
 
 
@@ -105,13 +123,19 @@ def assert_same_counts(offline: Diagnosis, live: Diagnosis, *breakdowns: str, la
 
 @pytest.mark.parametrize("psql", ["psql15", "psql18"])
 def test_psql_output_in_every_format_gives_the_live_diagnosis(
-    psql: str, pg_server: EmbeddedPostgres, live: Diagnosis, tmp_path: Path
+    psql: str,
+    pg_server: EmbeddedPostgres,
+    sessions: SessionFactory,
+    live: Diagnosis,
+    tmp_path: Path,
 ) -> None:
     binary = psql_binaries(pg_server)[psql]
     for name, settings in FORMATS.items():
         # One paste holding both tables, as `psql -c ... -c 'show all'` prints them.
         paste = tmp_path / f"{psql}-{name}.txt"
-        paste.write_bytes(run_psql(pg_server, binary, *settings, ACTIVITY, "show all"))
+        paste.write_bytes(
+            run_psql(pg_server, binary, *settings, ACTIVITY, "show all", settle=sessions)
+        )
         loaded = load_input(paste)
         assert isinstance(loaded.found, Snapshot), name
         assert loaded.found.server.assumed == (), name
@@ -139,7 +163,11 @@ def test_psql_output_in_every_format_gives_the_live_diagnosis(
 
 @pytest.mark.parametrize("psql", ["psql15", "psql18"])
 def test_the_triage_queries_give_the_live_partial_diagnosis(
-    psql: str, pg_server: EmbeddedPostgres, live: Diagnosis, tmp_path: Path
+    psql: str,
+    pg_server: EmbeddedPostgres,
+    sessions: SessionFactory,
+    live: Diagnosis,
+    tmp_path: Path,
 ) -> None:
     binary = psql_binaries(pg_server)[psql]
     # Query 3 selects client backends only; its leaked pids are the live finding's.
@@ -154,10 +182,10 @@ def test_the_triage_queries_give_the_live_partial_diagnosis(
         if name == "json":
             prefix = ("\\pset format unaligned", "\\pset tuples_only on")
         paste = tmp_path / f"{psql}-triage-{name}.txt"
-        paste.write_bytes(run_psql(pg_server, binary, *prefix, *queries))
+        paste.write_bytes(run_psql(pg_server, binary, *prefix, *queries, settle=sessions))
         settings = tmp_path / f"{psql}-settings-{name}.txt"
         show = "select json_agg(s) from pg_settings s" if name == "json" else "show all"
-        settings.write_bytes(run_psql(pg_server, binary, *prefix, show))
+        settings.write_bytes(run_psql(pg_server, binary, *prefix, show, settle=sessions))
         loaded = load_input(paste, settings)
         assert isinstance(loaded.found, TriageInput), name
         offline = diagnose_offline(loaded.found, EVERYTHING, loaded.notes)
@@ -172,13 +200,13 @@ def test_the_triage_queries_give_the_live_partial_diagnosis(
 
 
 def test_each_triage_query_alone_is_a_partial_diagnosis(
-    pg_server: EmbeddedPostgres, live: Diagnosis, tmp_path: Path
+    pg_server: EmbeddedPostgres, sessions: SessionFactory, live: Diagnosis, tmp_path: Path
 ) -> None:
     binary = pg_server.tool("psql")
     by_state, by_user_app, oldest_idle = SEED_QUERIES
     for number, query in enumerate((by_state, by_user_app, oldest_idle), start=1):
         paste = tmp_path / f"q{number}.txt"
-        paste.write_bytes(run_psql(pg_server, binary, query))
+        paste.write_bytes(run_psql(pg_server, binary, query, settle=sessions))
         offline = diagnose_offline(load_input(paste).found, EVERYTHING)
         assert offline.finding(PARTIAL_INPUT) is not None
         assert "max_connections" in offline.server.assumed if offline.server else False
@@ -203,9 +231,9 @@ def pgrelief(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProc
 
 
 def test_stdin_takes_a_pipe_from_psql(
-    pg_server: EmbeddedPostgres, live: Diagnosis, tmp_path: Path
+    pg_server: EmbeddedPostgres, sessions: SessionFactory, live: Diagnosis
 ) -> None:
-    pasted = run_psql(pg_server, pg_server.tool("psql"), ACTIVITY, "show all")
+    pasted = run_psql(pg_server, pg_server.tool("psql"), ACTIVITY, "show all", settle=sessions)
     piped = pgrelief("diagnose", "--activity-file", "-", "--format", "json", stdin=pasted)
     assert piped.returncode in (0, 1, 2), piped.stderr
     report: dict[str, Any] = json.loads(piped.stdout)
@@ -227,10 +255,12 @@ def test_stdin_takes_a_pipe_from_psql(
 
 
 def test_concatenated_csv_and_json_files_are_one_paste(
-    pg_server: EmbeddedPostgres, live: Diagnosis, tmp_path: Path
+    pg_server: EmbeddedPostgres, sessions: SessionFactory, live: Diagnosis, tmp_path: Path
 ) -> None:
     binary = pg_server.tool("psql")
-    csv_paste = run_psql(pg_server, binary, "\\pset format csv", ACTIVITY, "show all")
+    csv_paste = run_psql(
+        pg_server, binary, "\\pset format csv", ACTIVITY, "show all", settle=sessions
+    )
     json_paste = run_psql(
         pg_server,
         binary,
@@ -238,6 +268,7 @@ def test_concatenated_csv_and_json_files_are_one_paste(
         "\\pset format unaligned",
         f"select json_agg(a) from ({ACTIVITY}) a",
         "select json_agg(s) from pg_settings s",
+        settle=sessions,
     )
     for name, data in (("csv", csv_paste), ("json", json_paste)):
         path = tmp_path / f"both.{name}"
