@@ -52,7 +52,13 @@ from pgrelief.policy.spec import (
     RemediationSpec,
     TerminateSpec,
 )
-from pgrelief.policy.status import Condition, ConnectionPolicyStatus
+from pgrelief.policy.status import (
+    MAX_RECENT_ACTIONS,
+    MAX_STATUS_FINDINGS,
+    Condition,
+    ConnectionPolicyStatus,
+    RecentAction,
+)
 
 __all__ = [
     "API_GROUP",
@@ -62,6 +68,8 @@ __all__ = [
     "KIND",
     "MAX_IDENTIFIER_BYTES",
     "MAX_PGBOUNCER_PARAMETERS",
+    "MAX_RECENT_ACTIONS",
+    "MAX_STATUS_FINDINGS",
     "RESERVED_PGBOUNCER_KEYS",
     "BudgetSpec",
     "Cidr",
@@ -87,6 +95,7 @@ __all__ = [
     "PostgresSpec",
     "PressureSpec",
     "ProtectSpec",
+    "RecentAction",
     "RemediationSpec",
     "RoleLimit",
     "ServerLimits",
