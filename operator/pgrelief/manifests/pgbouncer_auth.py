@@ -69,6 +69,11 @@ def install_statements(query: AuthQuerySpec, *, create_role: bool = False) -> tu
     return tuple(statements)
 
 
+def install_sql(query: AuthQuerySpec, *, create_role: bool = False) -> str:
+    """``install_statements`` as the text a DBA pastes into psql."""
+    return fix_sql(*install_statements(query, create_role=create_role))
+
+
 def auth_databases(spec: PgBouncerSpec, version: Version) -> tuple[str, ...]:
     """The databases the function must exist in: the ``auth_dbname`` one (PgBouncer 1.20+),
     else every database, because older PgBouncer runs auth_query where the client connects."""
@@ -127,7 +132,7 @@ def auth_condition(checks: Sequence[AuthFunctionCheck], query: AuthQuerySpec) ->
     if not missing:
         return None
     role_missing = any(not check.role_exists for check in missing)
-    sql = fix_sql(*install_statements(query, create_role=role_missing))
+    sql = install_sql(query, create_role=role_missing)
     problems = "; ".join(
         f"in database {check.database!r}: " + ", ".join(check.problems(query)) for check in missing
     )
