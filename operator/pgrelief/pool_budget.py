@@ -238,7 +238,8 @@ def fit_pools(request: PoolRequest) -> PoolBudget:
     sizes = (
         f"default_pool_size {default} ({origin}) + reserve_pool_size {reserve}; "
         f"max_db_connections {per_database} per database",
-        f"at most {server} server connections: {_shape(request, default)}",
+        f"each pod opens at most {d * per_database} server connections: {d} database(s) × "
+        f"{_pools_text(request, default)}",
         f"open files per pod: max_client_conn {request.max_client_conn} + {d * per_database} "
         f"server connections + {SPARE_OPEN_FILES} spare = {open_files}",
     )
@@ -247,7 +248,9 @@ def fit_pools(request: PoolRequest) -> PoolBudget:
         f"pools per replica: {d} database(s) × {u} user pool(s)"
         + (" + 1 auth_query connection per database" if a else "")
         + f"; each pool may have {max(per_pool_max, 0)} ({limits_text(limits)})",
-        *sizes,
+        sizes[0],
+        f"all replicas open at most {server}: {_shape(request, default)}",
+        *sizes[1:],
     )
     return PoolBudget(
         request=request,
@@ -269,13 +272,18 @@ def limits_text(limits: list[tuple[int, str]]) -> str:
     return "; ".join(f"{source.rstrip(',')}: {max(limit, 0)}" for limit, source in limits)
 
 
-def _shape(request: PoolRequest, default: int) -> str:
+def _pools_text(request: PoolRequest, default: int) -> str:
     text = (
-        f"{request.replicas} replica(s) × {len(request.databases)} database(s) × "
         f"({request.pools_per_database} user pool(s) × ({default} + "
         f"{request.reserve_pool_size} reserve)"
     )
     return text + (" + 1 auth)" if request.auth_per_database else ")")
+
+
+def _shape(request: PoolRequest, default: int) -> str:
+    return f"{request.replicas} replica(s) × {len(request.databases)} database(s) × " + _pools_text(
+        request, default
+    )
 
 
 def _budget_text(request: PoolRequest) -> str:

@@ -54,12 +54,12 @@ class ServerInputs:
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, *, lifeline_pid: int | None = None) -> ServerInputs:
-        """Usable slots, superuser client sessions (pgrelief's own lifeline counted once, as
-        the lifeline) and the roles' and databases' CONNECTION LIMITs."""
+        """Usable slots, superuser client sessions (pgrelief's own lifeline, ``lifeline_pid``
+        or the snapshot's ``own_pid``, counted once, as the lifeline) and the roles' and
+        databases' CONNECTION LIMITs."""
+        own = snapshot.own_pid if lifeline_pid is None else lifeline_pid
         superusers = sum(
-            1
-            for s in snapshot.sessions
-            if s.is_client and s.is_superuser is True and s.pid != lifeline_pid
+            1 for s in snapshot.sessions if s.is_client and s.is_superuser is True and s.pid != own
         )
         return cls(
             usable_slots=snapshot.server.usable_slots,
