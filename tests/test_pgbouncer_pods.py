@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import resource
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,7 +31,7 @@ from pgrelief.manifests.pgbouncer_config import ServerInputs
 from pgrelief.observe import connect, pgbouncer_auth_check, take_snapshot
 from pgrelief.pgbouncer_ini import format_version, pgbouncer_ini
 from pgrelief.policy import AuthQuerySpec, ConnectionPolicySpec, validate_spec
-from tests.fixtures.pgbouncer import AUTH_SECRET, PooledServer, pgbench
+from tests.fixtures.pgbouncer import AUTH_SECRET, PooledServer
 
 pytestmark = pytest.mark.pgbouncer
 
@@ -146,39 +145,6 @@ def _login(port: int, password: str, *, user: str = "app", dbname: str = "appdb"
         return str(row[0])
 
 
-class BackendSampler:
-    """Counts the server's client backends of the pooled roles every few milliseconds."""
-
-    def __init__(self, pooled: PooledServer) -> None:
-        self.pooled = pooled
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="backend-sampler", daemon=True)
-
-    def _run(self) -> None:
-        roles = [self.pooled.app_role, self.pooled.auth_role]
-        with self.pooled.pg.connect() as conn:
-            while not self._stop.is_set():
-                row = conn.execute(
-                    "select count(*) from pg_stat_activity "
-                    "where backend_type = 'client backend' and usename = any(%s)",
-                    (roles,),
-                ).fetchone()
-                assert row is not None
-                self.peak = max(self.peak, int(row[0]))
-                self.samples += 1
-                time.sleep(0.01)
-
-    def __enter__(self) -> BackendSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
 # --- 1,900 clients ----------------------------------------------------------------------------
 
 
@@ -193,9 +159,9 @@ def test_1900_clients_in_transaction_mode_all_succeed_within_the_computed_pool(
     pod = pgbouncer_pod(
         objects.config_map, objects.deployment, secrets=pooled.secrets(), nofile=(1024, HARD_NOFILE)
     )
-    with BackendSampler(pooled) as sampler:
-        run = pgbench(
-            pooled.pg, ["-n", "-c", str(CLIENTS), "-j", "2", "-S", "-t", "5"], port=pod.port
+    with pooled.sampler() as sampler:
+        run = pooled.pgbench(
+            ["-n", "-c", str(CLIENTS), "-j", "2", "-S", "-t", "5"], port=pod.port, clients=CLIENTS
         )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"number of clients: {CLIENTS}" in run.stdout
@@ -219,16 +185,13 @@ def test_the_seed_ini_runs_out_of_descriptors_under_a_1024_limit(
     )
     userlist = f'"{pooled.app_role}" "{pooled.app_password}"\n'
     with LocalPgBouncer.plain(ini, files={"userlist.txt": userlist}, nofile=(1024, 1024)) as pod:
-        try:
-            run = pgbench(
-                pooled.pg,
-                ["-n", "-c", str(CLIENTS), "-j", "2", "-S", "-t", "5"],
-                port=pod.port,
-                timeout=25,
-            )
-            finished = run.returncode == 0
-        except subprocess.TimeoutExpired:
-            finished = False  # the clients hang: what users of the seed's config see
+        run = pooled.pgbench(
+            ["-n", "-c", str(CLIENTS), "-j", "2", "-S", "-t", "5"],
+            port=pod.port,
+            clients=CLIENTS,
+            timeout=25,
+        )
+        finished = run.completed  # a hang (returncode None) is what the seed's users see
         log = pod.log()
     assert not finished
     assert "accept() failed: Too many open files" in log
