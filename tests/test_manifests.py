@@ -13,6 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgrelief.manifests.common import SPEC_HASH, Owner, object_name, spec_hash
 from pgrelief.manifests.pgbouncer import (
@@ -484,3 +486,58 @@ def test_the_spec_refuses_what_the_pooler_could_not_run(
 ) -> None:
     with pytest.raises(PolicyError, match=re.escape(message)):
         validate_spec({"pgbouncer": pgbouncer})
+
+
+# --- the property that matters, on the text PgBouncer reads ---------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    usable=st.integers(min_value=0, max_value=400),
+    superusers=st.integers(min_value=0, max_value=10),
+    replicas=st.integers(min_value=1, max_value=6),
+    databases=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, unique=True),
+    users=st.lists(st.sampled_from(["u1", "u2", "u3"]), unique=True),
+    default=st.none() | st.integers(min_value=1, max_value=80),
+    reserve=st.integers(min_value=0, max_value=10),
+    direct=st.integers(min_value=0, max_value=50),
+    auth_query=st.booleans(),
+)
+def test_no_config_that_could_exhaust_the_server_is_ever_built(
+    usable: int,
+    superusers: int,
+    replicas: int,
+    databases: list[str],
+    users: list[str],
+    default: int | None,
+    reserve: int,
+    direct: int,
+    auth_query: bool,
+) -> None:
+    auth: dict[str, Any] = (
+        {"authQuery": {"user": "lookup", "passwordSecret": {"name": "s", "key": "k"}}}
+        if auth_query
+        else {"userlistSecret": {"name": "s", "key": "k"}}
+    )
+    spec = _spec(
+        replicas=replicas,
+        databases=databases,
+        users=users,
+        reservePoolSize=reserve,
+        directConnections=direct,
+        auth=auth,
+        **({} if default is None else {"defaultPoolSize": default}),
+    )
+    server = ServerInputs(usable_slots=usable, superuser_sessions=superusers)
+    result = desired_pgbouncer(OWNER, spec, server)
+    if isinstance(result, NotApplied):
+        assert result.reason == POOL_OVERSUBSCRIBED
+        return
+    assert isinstance(result, PgBouncerObjects)
+    ini = _ini(result)
+    # What PgBouncer will read: a per-database cap, one line per database.
+    cap = int(re.search(r"^max_db_connections = (\d+)$", ini, re.M).group(1))  # type: ignore[union-attr]
+    entries = [d for d in databases if re.search(rf"^{d} = host=", ini, re.M)]
+    assert entries == databases
+    pods = result.deployment["spec"]["replicas"]
+    assert pods * len(entries) * cap <= usable - 1 - superusers - direct
