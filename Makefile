@@ -22,7 +22,7 @@ lint:
 
 typecheck:
 	$(PYTHON) -m mypy
-	lint-imports
+	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 test: install lint typecheck
 	$(PYTHON) -m pytest -q

@@ -35,9 +35,9 @@ from pgrelief._dev.pgbench import PgbenchDatabase, PgbenchRun
 from pgrelief._dev.pgbouncer import LocalPgBouncer, pgbouncer_version
 from pgrelief.manifests.common import Owner
 from pgrelief.manifests.pgbouncer import PgBouncerObjects, desired_pgbouncer
-from pgrelief.manifests.pgbouncer_auth import install_statements
 from pgrelief.manifests.pgbouncer_config import ServerInputs
 from pgrelief.observe import connect, take_snapshot
+from pgrelief.pgbouncer_auth import install_statements
 from pgrelief.pgbouncer_ini import format_version
 from pgrelief.policy import validate_spec
 

@@ -106,10 +106,11 @@ def pgrelief_loop(interval: str) -> Mechanism:
     def mechanism(server: EmbeddedPostgres, stop: threading.Event) -> None:
         policy = parse_policy(POLICY.format(interval=interval))
         with tempfile.TemporaryDirectory() as scratch, ManagedConnection(server.dsn()) as conn:
-            runner = Runner(policy, conn, StateStore(Path(scratch) / "state.json"), AuditLog())
+            store = StateStore(Path(scratch) / "state.json")
+            runner = Runner(policy, conn, store, AuditLog(), stopping=stop)
             # Start at a random phase, as a loop that has been running for a while would be.
             stop.wait(random.uniform(0, policy.spec.interval_seconds))
-            runner.loop(stop, on_cycle=lambda _report: None)
+            runner.loop(on_cycle=lambda _report: None)
 
     return mechanism
 

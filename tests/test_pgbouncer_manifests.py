@@ -27,14 +27,14 @@ from pgrelief.manifests.pgbouncer import (
     applied_default_pool_size,
     desired_pgbouncer,
 )
-from pgrelief.manifests.pgbouncer_auth import (
+from pgrelief.manifests.pgbouncer_config import ServerInputs
+from pgrelief.pgbouncer_auth import (
     AuthFunctionCheck,
     auth_condition,
     auth_databases,
     auth_query_text,
     install_sql,
 )
-from pgrelief.manifests.pgbouncer_config import ServerInputs
 from pgrelief.pgbouncer_ini import DEFAULT_IMAGE, DEFAULT_LISTEN_PORT
 from pgrelief.policy import ConnectionPolicySpec, PolicyError, validate_spec
 from tests.factories import database as database_info

@@ -21,14 +21,14 @@ from pgrelief import act
 from pgrelief._dev.pgbouncer import LocalPgBouncer, PgBouncerError, pgbouncer_version
 from pgrelief.manifests.common import Owner
 from pgrelief.manifests.pgbouncer import NotApplied, PgBouncerObjects, desired_pgbouncer
-from pgrelief.manifests.pgbouncer_auth import (
+from pgrelief.manifests.pgbouncer_config import ServerInputs
+from pgrelief.observe import connect, pgbouncer_auth_check, take_snapshot
+from pgrelief.pgbouncer_auth import (
     AUTH_FUNCTION_MISSING,
     auth_condition,
     install_sql,
     install_statements,
 )
-from pgrelief.manifests.pgbouncer_config import ServerInputs
-from pgrelief.observe import connect, pgbouncer_auth_check, take_snapshot
 from pgrelief.pgbouncer_ini import format_version, pgbouncer_ini
 from pgrelief.policy import AuthQuerySpec, ConnectionPolicySpec, validate_spec
 from tests.fixtures.pgbouncer import AUTH_SECRET, PooledServer

@@ -9,6 +9,7 @@ error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -48,7 +49,10 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--dsn", help="libpq connection string or URI of the server to inspect.")
+@click.option(
+    "--dsn",
+    help='libpq connection string or URI of the server to inspect ("" = the PG* environment).',
+)
 @click.option(
     "--activity-file",
     type=click.Path(path_type=Path),
@@ -122,7 +126,7 @@ def diagnose(
         raise click.UsageError(str(error)) from None
     diagnosis = (
         _diagnose_live(dsn, options)
-        if dsn
+        if dsn is not None
         else _diagnose_files(activity_file, settings_file, options)
     )
     _render(diagnosis, output_format)
@@ -184,9 +188,14 @@ def run(
     state_file: Path | None,
     revert: bool,
 ) -> None:
-    """Diagnose and remediate in a loop, within the policy's limits, without Kubernetes."""
+    """Diagnose and remediate in a loop, within the policy's limits, without Kubernetes.
 
-    run_standalone(
+    Exit status: 0 done (or stopped by SIGTERM/SIGINT), 1 a --once or --revert cycle had
+    failed actions, 3 error (nothing is done when the audit file or state file cannot be
+    written; a run that cannot write them mid-way stops and says what was done).
+    """
+
+    status = run_standalone(
         policy_file,
         dsn=dsn,
         once=once,
@@ -195,6 +204,7 @@ def run(
         state_file=state_file,
         revert=revert,
     )
+    sys.exit(status)
 
 
 def _size_option(value: str | None, flag: str) -> int | None:
@@ -246,6 +256,76 @@ def size(
     except SizeError as error:
         raise click.UsageError(str(error)) from None
     render_sizing(sizing, sys.stdout, output_format)
+
+
+@cli.command("operator")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch ConnectionPolicies in this namespace (repeatable; globs like team-*).",
+)
+@click.option("--all-namespaces", is_flag=True, help="Watch every namespace.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics.")
+@click.option(
+    "--liveness",
+    metavar="URL",
+    help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
+)
+@click.option("--standalone", is_flag=True, help="No peering: for exactly one replica.")
+@click.option("--priority", type=int, help="Peering priority (default: random per process).")
+@click.option("--peering", "peering_name", default="pgrelief", show_default=True)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--audit-file",
+    type=click.Path(path_type=Path),
+    help="Also append audit records here (they always go to stdout, one JSON line each).",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 512), default=16, show_default=True,
+    help="Threads that run cycles (sync PostgreSQL and API calls).",
+)  # fmt: skip
+@click.option(
+    "--instance",
+    default=lambda: os.environ.get("POD_NAME") or socket.gethostname(),
+    help="Name this process reports in Events (default: $POD_NAME or the host name).",
+)
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def operator_command(
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    metrics_port: int | None,
+    liveness: str | None,
+    standalone: bool,
+    priority: int | None,
+    peering_name: str,
+    log_format: str,
+    audit_file: Path | None,
+    workers: int,
+    instance: str,
+    verbose: bool,
+) -> None:
+    """Run the Kubernetes operator for ConnectionPolicy objects (KUBECONFIG or in-cluster)."""
+    if bool(namespaces) == all_namespaces:
+        raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
+    from pgrelief.controller.main import run_operator  # noqa: PLC0415 - kopf only when needed
+
+    run_operator(
+        namespaces=namespaces,
+        all_namespaces=all_namespaces,
+        metrics_port=metrics_port,
+        liveness=liveness,
+        standalone=standalone,
+        priority=priority,
+        peering_name=peering_name,
+        log_format=log_format,
+        audit_file=audit_file,
+        workers=workers,
+        instance=instance,
+        verbose=verbose,
+    )
 
 
 @cli.command()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from pgrelief.plan import PlanHistory
@@ -26,13 +26,21 @@ class RemediationHistory:
     terminations: list[datetime] = field(default_factory=list)
     originals: dict[str, str | None] = field(default_factory=dict)
 
-    def for_planning(self, now: datetime) -> PlanHistory:
-        recent = [t for t in self.terminations if now - t < HISTORY_WINDOW]
-        return PlanHistory(terminations=tuple(recent), originals=dict(self.originals))
+    def for_planning(
+        self, now: datetime, backoff: Mapping[tuple[int, str | None], datetime] | None = None
+    ) -> PlanHistory:
+        return PlanHistory(
+            terminations=tuple(_recent(self.terminations, now)),
+            originals=dict(self.originals),
+            backoff=dict(backoff or {}),
+        )
 
-    def add_terminations(self, times: Iterable[datetime], now: datetime) -> None:
-        self.terminations = [t for t in self.terminations if now - t < HISTORY_WINDOW]
-        self.terminations.extend(times)
+    def add_terminations(self, times: Iterable[datetime], now: datetime) -> bool:
+        """Add termination times and forget those out of the window; True if anything changed."""
+        kept = _recent([*self.terminations, *times], now)
+        changed = kept != self.terminations
+        self.terminations = kept
+        return changed
 
     def add_originals(self, originals: Mapping[str, str | None]) -> bool:
         """Record originals not yet known (the first value found wins); True if any was new."""
@@ -48,10 +56,22 @@ class RemediationHistory:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> RemediationHistory:
+        """Read back ``to_json``; a time without a zone (a hand edit) is taken as UTC."""
         return cls(
-            terminations=[datetime.fromisoformat(t) for t in raw.get("terminations", [])],
+            terminations=[_aware(datetime.fromisoformat(t)) for t in raw.get("terminations", [])],
             originals=dict(raw.get("originals", {})),
         )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _recent(times: Iterable[datetime], now: datetime) -> list[datetime]:
+    """Times within the window before ``now``. A time in the future (the clock was set back
+    since it was written) counts as ``now``: it blocks the budget for one window, not until
+    the clock catches up with it."""
+    return [min(t, now) for t in times if now - t < HISTORY_WINDOW]
 
 
 class HistoryStore(Protocol):

@@ -21,8 +21,8 @@ from pgrelief._dev.pgbouncer import LocalPgBouncer, pgbouncer_version
 from pgrelief.crd import CRD_FILE
 from pgrelief.manifests.common import SPEC_HASH, Owner, spec_hash
 from pgrelief.manifests.pgbouncer import PgBouncerObjects, desired_pgbouncer
-from pgrelief.manifests.pgbouncer_auth import install_statements
 from pgrelief.manifests.pgbouncer_config import ServerInputs
+from pgrelief.pgbouncer_auth import install_statements
 from pgrelief.pgbouncer_ini import format_version
 from pgrelief.policy import validate_spec
 from tests.fixtures.kube import REPO_ROOT, KubeApiServer

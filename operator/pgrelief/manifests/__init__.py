@@ -1,6 +1,6 @@
-"""Kubernetes objects pgrelief wants to exist, built as plain dicts from a policy.
+"""Pure builders of what pgrelief writes into Kubernetes: status, Events, and workloads.
 
-Builders only: no API call, no cluster, no I/O, so every object is unit-tested as data and the
-controller's reconcile is a compare-and-apply of what these return (CloudNativePG keeps
-``pkg/specs/pgbouncer`` apart from its reconcilers for the same reason).
+Dicts and models in, dicts and models out, no I/O: the controller package decides when to
+write them, these modules decide what they say, and unit tests check them without a cluster
+(the layout CloudNativePG uses: desired-object builders apart from reconcile).
 """

@@ -29,7 +29,6 @@ from pgrelief.manifests.common import (
     object_name,
     selector_labels,
 )
-from pgrelief.manifests.pgbouncer_auth import READY_CONDITION
 from pgrelief.manifests.pgbouncer_config import (
     AUTH_PASSWORD_ENV,
     AUTH_USER_ENV,
@@ -43,6 +42,7 @@ from pgrelief.manifests.pgbouncer_config import (
     render_ini,
     start_script,
 )
+from pgrelief.pgbouncer_auth import READY_CONDITION
 from pgrelief.pgbouncer_ini import DEFAULT_IMAGE, DEFAULT_LISTEN_PORT, Version
 from pgrelief.policy import Condition, ConnectionPolicySpec
 from pgrelief.pool_budget import PoolBudget, fit_pools

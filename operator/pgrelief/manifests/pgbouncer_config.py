@@ -19,7 +19,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pgrelief.manifests.pgbouncer_auth import auth_databases, auth_query_text
+from pgrelief.pgbouncer_auth import auth_databases, auth_query_text
 from pgrelief.pgbouncer_ini import (
     DEFAULT_LISTEN_PORT,
     SETTING_SINCE,

@@ -46,6 +46,7 @@ from pgrelief.plan.actions import (
     database_key,
     parse_key,
     role_key,
+    session_identity,
     system_key,
 )
 from pgrelief.plan.limits import RELOADABLE_CONTEXTS, plan_limits
@@ -79,6 +80,7 @@ __all__ = [
     "plan_terminations",
     "protection",
     "role_key",
+    "session_identity",
     "setting_text",
     "system_key",
 ]

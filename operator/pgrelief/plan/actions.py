@@ -48,6 +48,11 @@ def parse_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def session_identity(pid: int, backend_start: datetime | None) -> tuple[int, str | None]:
+    """A session, not just its pid: a pid is reused by later backends."""
+    return (pid, _iso(backend_start))
+
+
 @dataclass(frozen=True, slots=True)
 class TerminateBackend:
     """pg_terminate_backend(pid), re-checked by ``act`` against backend_start, state and
@@ -74,6 +79,10 @@ class TerminateBackend:
     @property
     def target(self) -> str:
         return f"pid {self.pid}"
+
+    @property
+    def identity(self) -> tuple[int, str | None]:
+        return session_identity(self.pid, self.backend_start)
 
     @property
     def reason(self) -> str:
@@ -309,6 +318,8 @@ class PlanHistory:
 
     terminations: Sequence[datetime] = ()
     originals: Mapping[str, str | None] = field(default_factory=dict)
+    # Sessions an attempt failed on (permission denied, ...): identity -> not before this time.
+    backoff: Mapping[tuple[int, str | None], datetime] = field(default_factory=dict)
 
     def terminations_within(self, now: datetime, window: timedelta = HOUR) -> int:
         """Terminations in the sliding window ending at ``now`` (future ones count too)."""

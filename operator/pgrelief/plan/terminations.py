@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from pgrelief.advice import quote_literal
 from pgrelief.advice import quoted_name as quote_ident
@@ -59,6 +59,11 @@ def plan_terminations(
             continue
         candidate = _candidate(session, age, threshold, pressure)
         why = protection(session, snapshot, remediation.protect, networks)
+        retry_at = history.backoff.get(candidate.identity)
+        if why is None and retry_at is not None and now < retry_at:
+            why = (
+                f"an earlier attempt failed; retrying after {retry_at.astimezone(UTC):%H:%M:%S} UTC"
+            )
         if why is None:
             eligible.append(candidate)
         else:

@@ -12,9 +12,10 @@ duration without a unit is an error, because a typo in a safety policy silently 
 policy that does not protect what its author thinks it protects.
 
 The rooms: ``fields`` (API identity, field types and their checks, the strict base model),
-``spec`` (the object and its spec), ``limits`` (ALTER ROLE/DATABASE/SYSTEM), ``status`` (what
-the operator writes back), ``errors`` (validation with one line per bad field path). Import
-from here: the room a name lives in is not part of the contract.
+``spec`` (the object and its spec), ``pgbouncer`` (the pooler section), ``limits`` (ALTER
+ROLE/DATABASE/SYSTEM), ``status`` (what the operator writes back), ``errors`` (validation with
+one line per bad field path). Import from here: the room a name lives in is not part of the
+contract.
 """
 
 from pgrelief.pgbouncer_ini import RESERVED_PGBOUNCER_KEYS, PoolMode
@@ -40,24 +41,32 @@ from pgrelief.policy.fields import (
     SslMode,
 )
 from pgrelief.policy.limits import DatabaseLimit, LimitsSpec, RoleLimit, ServerLimits
-from pgrelief.policy.spec import (
+from pgrelief.policy.pgbouncer import (
     AuthQuerySpec,
+    PgBouncerAuthSpec,
+    PgBouncerResources,
+    PgBouncerSpec,
+    SecretKey,
+)
+from pgrelief.policy.spec import (
     BudgetSpec,
     ConnectionPolicy,
     ConnectionPolicySpec,
     CredentialsSecret,
     ObjectMeta,
-    PgBouncerAuthSpec,
-    PgBouncerResources,
-    PgBouncerSpec,
     PostgresSpec,
     PressureSpec,
     ProtectSpec,
     RemediationSpec,
-    SecretKey,
     TerminateSpec,
 )
-from pgrelief.policy.status import Condition, ConnectionPolicyStatus
+from pgrelief.policy.status import (
+    MAX_RECENT_ACTIONS,
+    MAX_STATUS_FINDINGS,
+    Condition,
+    ConnectionPolicyStatus,
+    RecentAction,
+)
 
 __all__ = [
     "API_GROUP",
@@ -67,6 +76,8 @@ __all__ = [
     "KIND",
     "MAX_IDENTIFIER_BYTES",
     "MAX_PGBOUNCER_PARAMETERS",
+    "MAX_RECENT_ACTIONS",
+    "MAX_STATUS_FINDINGS",
     "RESERVED_PGBOUNCER_KEYS",
     "AuthQuerySpec",
     "BudgetSpec",
@@ -96,6 +107,7 @@ __all__ = [
     "PostgresSpec",
     "PressureSpec",
     "ProtectSpec",
+    "RecentAction",
     "RemediationSpec",
     "RoleLimit",
     "SecretKey",
