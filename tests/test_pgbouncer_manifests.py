@@ -299,6 +299,12 @@ def test_an_oversubscribed_spec_builds_nothing_and_says_why() -> None:
     assert condition.message is not None
     assert condition.message.startswith("PgBouncer not applied: the pools need 132 server")
     assert "what fits: defaultPoolSize 42 or less" in condition.message
+    note = result.note()
+    assert (note.reason, note.type, note.message) == (
+        "PoolOversubscribed",
+        "Warning",
+        condition.message,
+    )
 
 
 def test_role_and_database_limits_come_from_the_server_and_the_policy() -> None:
@@ -372,6 +378,9 @@ def test_ready_follows_the_available_replicas() -> None:
     assert objects.condition(1).reason == "ReplicasUnavailable"
     ready = objects.condition(2)
     assert (ready.status, ready.reason) == ("True", "Available")
+    note = objects.reconciled_note()
+    assert (note.reason, note.type) == ("PgBouncerReconciled", "Normal")
+    assert note.message.startswith("PgBouncer orders-pgbouncer: 96 server connections at most")
 
 
 @pytest.mark.parametrize(

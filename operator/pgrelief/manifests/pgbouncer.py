@@ -29,6 +29,7 @@ from pgrelief.manifests.common import (
     object_name,
     selector_labels,
 )
+from pgrelief.manifests.events import EventNote
 from pgrelief.manifests.pgbouncer_config import (
     AUTH_PASSWORD_ENV,
     AUTH_USER_ENV,
@@ -48,8 +49,11 @@ from pgrelief.policy import Condition, ConnectionPolicySpec
 from pgrelief.pool_budget import PoolBudget, fit_pools
 from pgrelief.sizing import SizeError
 
+# Condition reasons and Event reasons (DESIGN.md's CamelCase verbs).
 POOL_OVERSUBSCRIBED = "PoolOversubscribed"
 CONFIG_INVALID = "PgBouncerConfigInvalid"
+PGBOUNCER_RECONCILED = "PgBouncerReconciled"
+EVENT_ACTION = "ReconcilePgBouncer"
 CONFIG_HASH = "pgrelief.dev/config-hash"
 CONTAINER = "pgbouncer"
 PORT_NAME = "pgbouncer"
@@ -75,6 +79,15 @@ class PgBouncerObjects:
     def all(self) -> list[Manifest]:
         """In apply order: the config before the pods that read it."""
         return [self.config_map, self.service, self.pod_disruption_budget, self.deployment]
+
+    def reconciled_note(self) -> EventNote:
+        """The Normal Event for objects created or changed (post it only when they were)."""
+        return EventNote(
+            PGBOUNCER_RECONCILED,
+            "Normal",
+            f"PgBouncer {object_name_of(self.config_map)}: " + self.budget.message(),
+            EVENT_ACTION,
+        )
 
     def condition(self, available_replicas: int) -> Condition:
         """``PgBouncerReady`` from the Deployment's ``status.availableReplicas``."""
@@ -103,6 +116,15 @@ class NotApplied:
         return Condition(
             type=READY_CONDITION, status="False", reason=self.reason, message=self.message
         )
+
+    def note(self) -> EventNote:
+        """The Warning Event saying the same (post it when the condition first says so)."""
+        return EventNote(self.reason, "Warning", self.message, EVENT_ACTION)
+
+
+def object_name_of(manifest: Manifest) -> str:
+    name: str = manifest["metadata"]["name"]
+    return name
 
 
 def desired_pgbouncer(
