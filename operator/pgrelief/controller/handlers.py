@@ -19,6 +19,7 @@ from pgrelief.controller.deletion import (
     revert_on_delete,
     unreachable_result,
 )
+from pgrelief.controller.events import EventRecorder
 from pgrelief.controller.kube import PLURAL
 from pgrelief.controller.worker import OperatorContext, PolicyWorker
 from pgrelief.errors import PgreliefError
@@ -85,7 +86,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
         context.metrics.forget(key)
         if result is None:
             return
-        recorder = PolicyWorker(context, raw).events
+        meta = body.metadata
+        policy_ref = {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid}
+        recorder = EventRecorder(context.kube, policy_ref, context.instance)
         if result.left:
             message = "deleted without reverting: " + "; ".join(result.left)
             note = notes.EventNote(notes.REVERT_INCOMPLETE, "Warning", message, "Revert")
