@@ -267,9 +267,7 @@ def test_the_examples_cover_the_starting_points() -> None:
 
 
 @pytest.mark.parametrize("path", POLICY_FILES, ids=lambda p: p.name)
-def test_example_policies_load_in_pgrelief_run(
-    path: Path, pg_server: Any, tmp_path: Path
-) -> None:
+def test_example_policies_load_in_pgrelief_run(path: Path, pg_server: Any, tmp_path: Path) -> None:
     """Each example runs one dry cycle against a real server (its host and login replaced by
     --dsn): it loads, plans, and reports without changing anything."""
     audit = tmp_path / "audit.jsonl"

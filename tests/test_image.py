@@ -25,14 +25,23 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 
 
-def _run(*cmd: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(
+    *cmd: str | Path, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     # Nothing of this checkout may leak in: no PYTHONPATH, no user site, no pip config.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV"))
+    }
     env["PYTHONNOUSERSITE"] = "1"
     proc = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
         check=False,
-    )  # fmt: skip
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -50,7 +59,7 @@ def test_the_dockerfile_keeps_to_the_recipe() -> None:
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
     assert text.count("FROM ${BASE_IMAGE}") == 2  # both stages, so the venv's python exists
     assert re.search(r"^USER 10001:10001$", text, re.M)
-    assert '--only-binary=:all:' in text and "pip uninstall --yes pip setuptools" in text
+    assert "--only-binary=:all:" in text and "pip uninstall --yes pip setuptools" in text
     assert 'ENTRYPOINT ["pgrelief"]' in text and 'CMD ["operator"' in text
     ignored = (REPO / ".dockerignore").read_text(encoding="utf-8").split()
     assert "operator/pgrelief/_dev" in ignored
@@ -72,8 +81,11 @@ def image_venv(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     # The whole package, harness included: the wheel's own exclusion must keep _dev out.
-    shutil.copytree(REPO / "operator", src / "operator",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+    shutil.copytree(
+        REPO / "operator",
+        src / "operator",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+    )
     venv, dist = root / "opt-pgrelief", root / "dist"
     offline = ("--no-index", "--find-links", wheelhouse)
     _run(sys.executable, "-m", "venv", venv)
@@ -92,8 +104,11 @@ def test_the_installed_operator_runs(image_venv: Path) -> None:
     assert _run(pgrelief, "crd").stdout == generated
     assert "--all-namespaces" in _run(pgrelief, "operator", "--help").stdout
     # Everything the operator imports at start-up is installed (kopf, kubernetes, psycopg...).
-    _run(image_venv / "bin" / "python", "-c",
-         "import pgrelief.controller.main, pgrelief.metrics, pgrelief.observe, pgrelief.dumps")  # fmt: skip
+    _run(
+        image_venv / "bin" / "python",
+        "-c",
+        "import pgrelief.controller.main, pgrelief.metrics, pgrelief.observe, pgrelief.dumps",
+    )
 
 
 @pytest.mark.parametrize(

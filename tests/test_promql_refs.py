@@ -1,4 +1,5 @@
 """The reader behind the alert and dashboard checks finds what a stale expression names."""
+# ruff: noqa: E501 - a scrape line is as long as its labels
 
 from __future__ import annotations
 
@@ -28,10 +29,18 @@ def test_references_of_an_aggregation_over_a_selector() -> None:
 
 
 def test_sound_expressions_have_no_problems() -> None:
-    assert problems("max by (namespace, policy) (pgrelief_utilization_ratio) >= 0.9", EXPORTED,
-                    templates="{{ $labels.policy }} {{ $value }}") == []  # fmt: skip
-    quantile = ("histogram_quantile(0.95, sum by (namespace, policy, le) "
-                "(rate(pgrelief_cycle_duration_seconds_bucket[5m])))")  # fmt: skip
+    assert (
+        problems(
+            "max by (namespace, policy) (pgrelief_utilization_ratio) >= 0.9",
+            EXPORTED,
+            templates="{{ $labels.policy }} {{ $value }}",
+        )
+        == []
+    )
+    quantile = (
+        "histogram_quantile(0.95, sum by (namespace, policy, le) "
+        "(rate(pgrelief_cycle_duration_seconds_bucket[5m])))"
+    )
     assert problems(quantile, EXPORTED) == []
     assert problems('absent(up{job="x"} == 1)', EXPORTED, extra={"up": {"job"}}) == []
 
@@ -41,7 +50,7 @@ def test_stale_names_labels_and_values_are_reported() -> None:
         "metric pgrelief_utilisation_ratio is not exported"
     ]
     assert problems('pgrelief_actions_total{outcome="succeeded"}', EXPORTED) == [
-        'pgrelief_actions_total{outcome="succeeded"} matches nothing: seen [\'done\']'
+        "pgrelief_actions_total{outcome=\"succeeded\"} matches nothing: seen ['done']"
     ]
     assert problems('pgrelief_actions_total{verdict="done"}', EXPORTED) == [
         "pgrelief_actions_total has no label verdict"
@@ -49,8 +58,9 @@ def test_stale_names_labels_and_values_are_reported() -> None:
     assert problems("max by (database) (pgrelief_utilization_ratio)", EXPORTED) == [
         "by/on label database is on none of ['pgrelief_utilization_ratio']"
     ]
-    assert problems("max by (policy) (pgrelief_utilization_ratio)", EXPORTED,
-                    templates="{{ $labels.namespace }}") == [  # fmt: skip
-        "$labels.namespace is not a label of the alert's result"
-    ]
+    assert problems(
+        "max by (policy) (pgrelief_utilization_ratio)",
+        EXPORTED,
+        templates="{{ $labels.namespace }}",
+    ) == ["$labels.namespace is not a label of the alert's result"]
     assert problems("pgrelief_actions > 0", EXPORTED) == ["metric pgrelief_actions is not exported"]

@@ -70,8 +70,18 @@ def _run(server: EmbeddedPostgres, grants: list[str], tmp_path: Path) -> tuple[A
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY, encoding="utf-8")
         audit = tmp_path / "audit.jsonl"
-        pgrelief("run", "--policy", str(policy), "--dsn", dsn, "--once", "--audit-file",
-                 str(audit), "--state-file", str(tmp_path / "state.json"))  # fmt: skip
+        pgrelief(
+            "run",
+            "--policy",
+            str(policy),
+            "--dsn",
+            dsn,
+            "--once",
+            "--audit-file",
+            str(audit),
+            "--state-file",
+            str(tmp_path / "state.json"),
+        )
     finally:
         leak.close()  # terminated by then, when relief could
     records = [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines()]
@@ -127,9 +137,11 @@ def test_limits_need_createrole_admin_ownership_and_parameter_grants(
     grants = [STATS, SIGNAL, *(g for g in LIMITS if version >= 16 or "ADMIN OPTION" not in g)]
     _, records = _run(server, grants, tmp_path)
     assert {k: v for k, v in _outcomes(records).items()} == {
-        "terminate": {"done"}, "alter_role": {"done"}, "alter_database": {"done"},
+        "terminate": {"done"},
+        "alter_role": {"done"},
+        "alter_database": {"done"},
         "alter_system": {"done"},
-    }  # fmt: skip
+    }
     with server.connect() as conn:
         conn.execute("ALTER SYSTEM RESET idle_in_transaction_session_timeout")
         conn.execute("SELECT pg_reload_conf()")

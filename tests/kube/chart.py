@@ -58,7 +58,9 @@ def helm(
 
 def set_args(values: dict[str, Any]) -> list[str]:
     """``--set-json`` arguments for a (nested) dict of values."""
-    return [arg for key, value in values.items() for arg in ("--set-json", f"{key}={json.dumps(value)}")]
+    return [
+        arg for key, value in values.items() for arg in ("--set-json", f"{key}={json.dumps(value)}")
+    ]
 
 
 def render(values: dict[str, Any] | None = None, namespace: str = "ops") -> list[dict[str, Any]]:
@@ -67,7 +69,9 @@ def render(values: dict[str, Any] | None = None, namespace: str = "ops") -> list
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def find(docs: Sequence[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+def find(
+    docs: Sequence[dict[str, Any]], kind: str, name: str | None = None
+) -> list[dict[str, Any]]:
     return [
         d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
     ]
@@ -90,26 +94,53 @@ class Release:
     values: dict[str, Any] = field(default_factory=dict)
 
     def install(self) -> Release:
-        helm("install", self.name, str(CHART), "--namespace", self.namespace,
-             *set_args(self.values), kubeconfig=self.kube.kubeconfig)  # fmt: skip
+        helm(
+            "install",
+            self.name,
+            str(CHART),
+            "--namespace",
+            self.namespace,
+            *set_args(self.values),
+            kubeconfig=self.kube.kubeconfig,
+        )
         return self
 
     def upgrade(self, values: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         self.values = values
-        return helm("upgrade", self.name, str(CHART), "--namespace", self.namespace, "--reset-values",
-                    *set_args(values), kubeconfig=self.kube.kubeconfig)  # fmt: skip
+        return helm(
+            "upgrade",
+            self.name,
+            str(CHART),
+            "--namespace",
+            self.namespace,
+            "--reset-values",
+            *set_args(values),
+            kubeconfig=self.kube.kubeconfig,
+        )
 
     def uninstall(self, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return helm("uninstall", self.name, "--namespace", self.namespace,
-                    kubeconfig=self.kube.kubeconfig, check=check)  # fmt: skip
+        return helm(
+            "uninstall",
+            self.name,
+            "--namespace",
+            self.namespace,
+            kubeconfig=self.kube.kubeconfig,
+            check=check,
+        )
 
     @property
     def fullname(self) -> str:
         return self.name if "pgrelief" in self.name else f"{self.name}-pgrelief"
 
     def manifests(self) -> list[dict[str, Any]]:
-        out = helm("get", "manifest", self.name, "--namespace", self.namespace,
-                   kubeconfig=self.kube.kubeconfig)  # fmt: skip
+        out = helm(
+            "get",
+            "manifest",
+            self.name,
+            "--namespace",
+            self.namespace,
+            kubeconfig=self.kube.kubeconfig,
+        )
         return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
     def service_account_kubeconfig(self) -> Path:
@@ -143,13 +174,17 @@ class ChartOperator(OperatorProcess):
 
     def start(self) -> ChartOperator:
         args = [a for a in self.chart_args if not a.startswith(("--metrics-port", "--liveness"))]
-        args += [f"--metrics-port={self.metrics_port}",
-                 f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz"]  # fmt: skip
+        args += [
+            f"--metrics-port={self.metrics_port}",
+            f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
+        ]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "POD_NAME": self.pod_name}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pgrelief", *args],
-            stdout=self.audit_file.open("wb"), stderr=self.log_file.open("wb"), env=env,
-        )  # fmt: skip
+            stdout=self.audit_file.open("wb"),
+            stderr=self.log_file.open("wb"),
+            env=env,
+        )
         return self
 
     def forbidden(self) -> list[str]:

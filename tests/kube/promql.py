@@ -15,9 +15,22 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 KEYWORDS = frozenset(
-    {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-     "unless", "offset", "inf", "nan"}
-)  # fmt: skip
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "inf",
+        "nan",
+    }
+)
 _SELECTOR = re.compile(r"([A-Za-z_:][\w:]*)?\s*\{([^{}]*)\}")
 _MATCHER = re.compile(r'([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 _GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^()]*)\)")
@@ -46,7 +59,9 @@ class Exported:
 @dataclass
 class References:
     metrics: set[str] = field(default_factory=set)
-    matchers: list[tuple[str, str, str, str]] = field(default_factory=list)  # metric, label, op, value
+    matchers: list[tuple[str, str, str, str]] = field(
+        default_factory=list
+    )  # metric, label, op, value
     grouping: set[str] = field(default_factory=set)
 
 
@@ -77,7 +92,10 @@ def references(expr: str) -> References:
 
 
 def problems(
-    expr: str, exported: Exported, *, extra: dict[str, set[str]] | None = None,
+    expr: str,
+    exported: Exported,
+    *,
+    extra: dict[str, set[str]] | None = None,
     templates: str = "",
 ) -> list[str]:
     """Everything ``expr`` (and ``$labels.x`` in ``templates``) names that the scrape lacks.

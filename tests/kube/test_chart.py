@@ -67,8 +67,7 @@ def test_the_values_schema_refuses_typos_and_bad_values(
 
 
 def test_standalone_with_two_replicas_is_refused() -> None:
-    out = helm("template", "t", str(CHART), *set_args({"peering": {"enabled": False}}),
-               check=False)  # fmt: skip
+    out = helm("template", "t", str(CHART), *set_args({"peering": {"enabled": False}}), check=False)
     assert out.returncode != 0
     assert "replicas must be 1" in out.stderr
 
@@ -114,9 +113,11 @@ def test_secrets_can_be_restricted_to_the_policies_logins() -> None:
     docs = render({"rbac": {"secretNames": ["orders-db-pgrelief"]}})
     (secret_rule,) = [r for r in find(docs, "Role")[0]["rules"] if r["resources"] == ["secrets"]]
     assert secret_rule == {
-        "apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "verbs": ["get"],
         "resourceNames": ["orders-db-pgrelief"],
-    }  # fmt: skip
+    }
 
 
 def test_no_rule_grants_more_than_it_names() -> None:
@@ -133,9 +134,14 @@ def test_no_rule_grants_more_than_it_names() -> None:
 
 def _apply_dry_run(kube: KubeApiServer, docs: list[dict[str, Any]]) -> str:
     out = kube.kubectl(
-        "apply", "--dry-run=server", "--validate=strict", "-f", "-",
-        input=yaml.safe_dump_all(docs), check=False,
-    )  # fmt: skip
+        "apply",
+        "--dry-run=server",
+        "--validate=strict",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(docs),
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -144,9 +150,13 @@ def _apply_dry_run(kube: KubeApiServer, docs: list[dict[str, Any]]) -> str:
 def api_with_crds(kube_apiserver: KubeApiServer) -> KubeApiServer:
     for path in [*CRD_FILES, STANDINS]:
         kube_apiserver.kubectl("apply", "--server-side", "-f", str(path))
-    for crd in ("connectionpolicies.pgrelief.dev", "kopfpeerings.kopf.dev",
-                "servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"):
-        kube_apiserver.kubectl("wait", "--for=condition=Established", f"crd/{crd}")  # fmt: skip
+    for crd in (
+        "connectionpolicies.pgrelief.dev",
+        "kopfpeerings.kopf.dev",
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    ):
+        kube_apiserver.kubectl("wait", "--for=condition=Established", f"crd/{crd}")
     return kube_apiserver
 
 
@@ -164,8 +174,16 @@ def test_what_the_chart_renders_is_accepted_by_the_api_server(
     values = json.loads(json.dumps({**values, **EVERYTHING_ON}).replace("WATCHED", watched))
     docs = render(values, namespace=kube_namespace)
     kinds = {d["kind"] for d in docs}
-    assert {"ServiceAccount", "Deployment", "Service", "ServiceMonitor", "PrometheusRule",
-            "ConfigMap", "ClusterRole", "ClusterRoleBinding"} <= kinds  # fmt: skip
+    assert {
+        "ServiceAccount",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    } <= kinds
     out = _apply_dry_run(kube, docs)
     assert out.count("(server dry run)") == len(docs)
     dashboard = find(docs, "ConfigMap")[0]
@@ -189,8 +207,9 @@ def test_install_upgrade_and_uninstall_keep_the_crds_and_the_policies(
 
         other = f"w-{uuid.uuid4().hex[:8]}"
         kube.kubectl("create", "namespace", other)
-        release.upgrade({"watch": {"namespaces": [ns, other]}, "replicas": 3,
-                         "operator": {"logFormat": "text"}})  # fmt: skip
+        release.upgrade(
+            {"watch": {"namespaces": [ns, other]}, "replicas": 3, "operator": {"logFormat": "text"}}
+        )
         kube.kubectl("get", "role,rolebinding,kopfpeering", "-n", other)
         deployment = json.loads(
             kube.kubectl("get", "deployment", name, "-n", ns, "-o", "json").stdout
@@ -221,13 +240,23 @@ def test_the_crds_install_separately_then_the_chart_skips_them(
     kube = api_with_crds
     crds = helm("show", "crds", str(CHART)).stdout
     names = {d["metadata"]["name"] for d in yaml.safe_load_all(crds) if d}
-    assert names == {"connectionpolicies.pgrelief.dev", "kopfpeerings.kopf.dev",
-                     "clusterkopfpeerings.kopf.dev"}  # fmt: skip
+    assert names == {
+        "connectionpolicies.pgrelief.dev",
+        "kopfpeerings.kopf.dev",
+        "clusterkopfpeerings.kopf.dev",
+    }
     applied = kube.kubectl("apply", "--server-side", "-f", "-", input=crds).stdout
     assert all(name in applied for name in names)
     release = Release(kube, f"r{uuid.uuid4().hex[:8]}", kube_namespace)
-    helm("install", release.name, str(CHART), "--namespace", kube_namespace, "--skip-crds",
-         kubeconfig=kube.kubeconfig)  # fmt: skip
+    helm(
+        "install",
+        release.name,
+        str(CHART),
+        "--namespace",
+        kube_namespace,
+        "--skip-crds",
+        kubeconfig=kube.kubeconfig,
+    )
     try:
         kube.kubectl("get", "deployment,role", release.fullname, "-n", kube_namespace)
     finally:

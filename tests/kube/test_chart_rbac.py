@@ -67,8 +67,9 @@ class Installed:
 
     def operator(self, *extra: str) -> ChartOperator:
         args = (*operator_args(self.release.manifests()), *extra)
-        process = ChartOperator(self.kube, self.namespace, self.work_dir,
-                                kubeconfig=self.kubeconfig, chart_args=args)  # fmt: skip
+        process = ChartOperator(
+            self.kube, self.namespace, self.work_dir, kubeconfig=self.kubeconfig, chart_args=args
+        )
         self.started.append(process.start())
         return process
 
@@ -160,10 +161,22 @@ def test_limits_applied_then_reverted_on_delete_under_the_chart_rbac(
 ) -> None:
     kube, ns = chart.kube, chart.namespace
     operator = chart.operator()
-    apply(kube, policy_manifest("limits", ns, host=pg_server.host, port=pg_server.port, spec={
-        "remediation": {"mode": "Enforce"},
-        "limits": {"onDelete": "Revert", "roles": [{"name": limited_role, "connectionLimit": 7}]},
-    }))  # fmt: skip
+    apply(
+        kube,
+        policy_manifest(
+            "limits",
+            ns,
+            host=pg_server.host,
+            port=pg_server.port,
+            spec={
+                "remediation": {"mode": "Enforce"},
+                "limits": {
+                    "onDelete": "Revert",
+                    "roles": [{"name": limited_role, "connectionLimit": 7}],
+                },
+            },
+        ),
+    )
     wait_until("the role limit", lambda: _connection_limit(pg_server, limited_role) == 7)
     wait_until("RoleLimitApplied", lambda: _named(kube, ns, "limits", "RoleLimitApplied"))
     wait_until(
@@ -182,11 +195,26 @@ def test_dry_run_and_a_missing_secret_under_the_chart_rbac(
     kube, ns = chart.kube, chart.namespace
     operator = chart.operator()
     leaked = _leak(sessions, 2)
-    apply(kube, policy_manifest("dry", ns, host=pg_server.host, port=pg_server.port,
-                                spec={"remediation": {"mode": "DryRun", "onlyUnderPressure": False,
-                                      "terminate": {"idleInTransactionAfter": "1s"}}}))  # fmt: skip
-    apply(kube, policy_manifest("nosecret", ns, host=pg_server.host, port=pg_server.port,
-                                secret="later"))  # fmt: skip
+    apply(
+        kube,
+        policy_manifest(
+            "dry",
+            ns,
+            host=pg_server.host,
+            port=pg_server.port,
+            spec={
+                "remediation": {
+                    "mode": "DryRun",
+                    "onlyUnderPressure": False,
+                    "terminate": {"idleInTransactionAfter": "1s"},
+                }
+            },
+        ),
+    )
+    apply(
+        kube,
+        policy_manifest("nosecret", ns, host=pg_server.host, port=pg_server.port, secret="later"),
+    )
     wait_until("WouldTerminateBackend", lambda: _named(kube, ns, "dry", "WouldTerminateBackend"))
     assert alive(sessions.admin, leaked) == set(leaked)
     assert condition(get_policy(kube, ns, "dry"), "Remediating")["reason"] == "DryRun"
@@ -214,13 +242,16 @@ def test_two_replicas_peer_under_the_chart_rbac(
     assert len(acting) == 1, [r.logs()[-2000:] for r in replicas]
     done = [a["target"] for r in replicas for a in r.audit() if a["outcome"] == "done"]
     assert sorted(done) == sorted(f"pid {p}" for p in leaked)
-    peering = json.loads(kube.kubectl("get", "kopfpeering", "pgrelief", "-n", ns,
-                                      "-o", "json").stdout)  # fmt: skip
+    peering = json.loads(
+        kube.kubectl("get", "kopfpeering", "pgrelief", "-n", ns, "-o", "json").stdout
+    )
     assert len(peering.get("status", {})) == 2  # both replicas keep their entry alive
     _no_refusals(*replicas)
 
 
-def _drop_rule(kube: KubeApiServer, release: Release, keep: Callable[[dict[str, Any]], bool]) -> None:
+def _drop_rule(
+    kube: KubeApiServer, release: Release, keep: Callable[[dict[str, Any]], bool]
+) -> None:
     ns, name = release.namespace, release.fullname
     role = json.loads(kube.kubectl("get", "role", name, "-n", ns, "-o", "json").stdout)
     before = len(role["rules"])
@@ -246,8 +277,7 @@ def test_without_writing_status_ready_never_comes_and_the_log_says_403(
     chart: Installed, pg_server: EmbeddedPostgres
 ) -> None:
     kube, ns = chart.kube, chart.namespace
-    _drop_rule(kube, chart.release,
-               lambda rule: rule["resources"] != ["connectionpolicies/status"])  # fmt: skip
+    _drop_rule(kube, chart.release, lambda rule: rule["resources"] != ["connectionpolicies/status"])
     operator = chart.operator()
     apply(kube, policy_manifest("mute", ns, host=pg_server.host, port=pg_server.port))
     refusal = f"could not write the status: patching the status of ConnectionPolicy {ns}/mute"
@@ -271,24 +301,38 @@ def test_every_alert_and_panel_names_what_the_operator_exports(
     operator = chart.operator()
     leaked = _leak(sessions, 2)
     apply(kube, policy_manifest("busy", ns, host=pg_server.host, port=pg_server.port))
-    apply(kube, policy_manifest("lost", ns, host=pg_server.host, port=pg_server.port,
-                                secret="absent"))  # fmt: skip
+    apply(
+        kube, policy_manifest("lost", ns, host=pg_server.host, port=pg_server.port, secret="absent")
+    )
     wait_until("the leaked sessions to be gone", lambda: not alive(sessions.admin, leaked))
     wait_condition(kube, ns, "lost", reason="CredentialsMissing")
     exported = Exported.parse(operator.metrics())
-    assert {"pgrelief_actions_total", "pgrelief_cycle_failures_total",
-            "pgrelief_cycle_duration_seconds_bucket"} <= set(exported.labels)  # fmt: skip
+    assert {
+        "pgrelief_actions_total",
+        "pgrelief_cycle_failures_total",
+        "pgrelief_cycle_duration_seconds_bucket",
+    } <= set(exported.labels)
 
-    docs = render({"metrics": {"serviceMonitor": {"enabled": True},
-                               "prometheusRule": {"enabled": True},
-                               "dashboard": {"enabled": True}}})  # fmt: skip
+    docs = render(
+        {
+            "metrics": {
+                "serviceMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True},
+                "dashboard": {"enabled": True},
+            }
+        }
+    )
     found: list[str] = []
     (rule_object,) = find(docs, "PrometheusRule")
     alerts = [r for g in rule_object["spec"]["groups"] for r in g["rules"]]
     assert len(alerts) >= 6
     for alert in alerts:
-        for problem in problems(alert["expr"], exported, extra=PROMETHEUS_SERIES,
-                                templates=json.dumps(alert["annotations"])):  # fmt: skip
+        for problem in problems(
+            alert["expr"],
+            exported,
+            extra=PROMETHEUS_SERIES,
+            templates=json.dumps(alert["annotations"]),
+        ):
             found.append(f"alert {alert['alert']}: {problem}")
     dashboard = json.loads(find(docs, "ConfigMap")[0]["data"]["pgrelief.json"])
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
@@ -332,9 +376,11 @@ def own_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiS
 
 
 def test_cluster_wide_under_the_chart_cluster_role(
-    own_apiserver: KubeApiServer, pg_server: EmbeddedPostgres, sessions: SessionFactory,
+    own_apiserver: KubeApiServer,
+    pg_server: EmbeddedPostgres,
+    sessions: SessionFactory,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     kube = own_apiserver
     for path in CRD_FILES:
         kube.kubectl("apply", "--server-side", "-f", str(path))
@@ -342,22 +388,31 @@ def test_cluster_wide_under_the_chart_cluster_role(
     kube.kubectl("create", "namespace", "ops")
     kube.kubectl("create", "namespace", "team-a")
     with installed(kube, "ops", {"watch": {"allNamespaces": True}}) as release:
-        assert kube.kubectl("get", "role", "-A", "-l",
-                            f"app.kubernetes.io/instance={release.name}").stdout == ""  # fmt: skip
+        assert (
+            kube.kubectl(
+                "get", "role", "-A", "-l", f"app.kubernetes.io/instance={release.name}"
+            ).stdout
+            == ""
+        )
         kube.kubectl("get", "clusterkopfpeering", "pgrelief")
         args = operator_args(release.manifests())
         assert "--all-namespaces" in args
-        operator = ChartOperator(kube, "team-a", tmp_path, chart_args=tuple(args),
-                                 kubeconfig=release.service_account_kubeconfig()).start()  # fmt: skip
+        operator = ChartOperator(
+            kube,
+            "team-a",
+            tmp_path,
+            chart_args=tuple(args),
+            kubeconfig=release.service_account_kubeconfig(),
+        ).start()
         try:
             apply(kube, secret_manifest("pg-login", "team-a", "postgres", "unused"))
             leaked = _leak(sessions, 2)
-            apply(kube, policy_manifest("wide", "team-a", host=pg_server.host,
-                                        port=pg_server.port))  # fmt: skip
+            apply(kube, policy_manifest("wide", "team-a", host=pg_server.host, port=pg_server.port))
             wait_until("the leaked sessions to be gone", lambda: not alive(sessions.admin, leaked))
             wait_condition(kube, "team-a", "wide", status="True")
-            wait_until("BackendTerminated", lambda: _named(kube, "team-a", "wide",
-                                                           "BackendTerminated"))  # fmt: skip
+            wait_until(
+                "BackendTerminated", lambda: _named(kube, "team-a", "wide", "BackendTerminated")
+            )
             kube.kubectl("delete", "cpol", "wide", "-n", "team-a", "--timeout=60s")
             _no_refusals(operator)
         finally:
