@@ -22,7 +22,6 @@ from tests.fixtures.forwarder import Forwarder
 from tests.fixtures.kube import KubeApiServer
 from tests.fixtures.postgres import SessionFactory
 from tests.kube.operator_harness import (
-    CRD_FILES,
     OperatorProcess,
     apply,
     condition,
@@ -36,26 +35,6 @@ from tests.kube.operator_harness import (
 from tests.runs import alive
 
 pytestmark = pytest.mark.kube
-
-
-@pytest.fixture(scope="module")
-def crds(kube_apiserver: KubeApiServer) -> None:
-    for path in CRD_FILES:
-        kube_apiserver.kubectl("apply", "--server-side", "-f", str(path))
-    kube_apiserver.kubectl(
-        "wait", "--for=condition=Established", "crd/connectionpolicies.pgrelief.dev"
-    )
-
-
-@pytest.fixture
-def operator(
-    kube_apiserver: KubeApiServer, kube_namespace: str, crds: None, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kube_apiserver, kube_namespace, tmp_path, args=("--standalone",))
-    apply(kube_apiserver, secret_manifest("pg-login", kube_namespace, "postgres", "unused"))
-    process.start()
-    yield process
-    process.stop()
 
 
 def _leak(sessions: SessionFactory, count: int) -> list[int]:
