@@ -10,6 +10,7 @@ import base64
 import json
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.kube.operator_harness import (
     apply,
     condition,
     events,
+    free_port,
     get_policy,
     policy_manifest,
     secret_manifest,
@@ -367,3 +369,35 @@ def test_secrets_never_reach_status_events_or_logs(
     everything += operator.logs() + operator.metrics()
     assert "Hunter2-Secret" not in everything
     assert base64.b64encode(b"Hunter2-Secret").decode() not in everything
+
+
+def test_liveness_endpoint_and_json_logs(
+    kube_apiserver: KubeApiServer, kube_namespace: str, crds: None, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = OperatorProcess(
+        kube_apiserver,
+        kube_namespace,
+        tmp_path,
+        args=(
+            "--standalone",
+            "--log-format",
+            "json",
+            "--liveness",
+            f"http://127.0.0.1:{port}/healthz",
+        ),
+    ).start()
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until("kopf's liveness endpoint", healthy)
+    finally:
+        process.stop()
+    lines = [line for line in process.logs().splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["message"] for line in lines)
