@@ -417,3 +417,66 @@ def test_cluster_wide_under_the_chart_cluster_role(
             _no_refusals(operator)
         finally:
             operator.stop()
+
+
+PGBOUNCER_KINDS = ("configmap", "service", "poddisruptionbudget", "deployment")
+
+
+def _stored(kube: KubeApiServer, kind: str, name: str, ns: str) -> dict[str, Any]:
+    out = kube.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def test_pgbouncer_reconcile_under_the_chart_rbac(
+    chart: Installed, pg_server: EmbeddedPostgres
+) -> None:
+    """The four PgBouncer objects created, a hand edit put back, and all removed when the
+    policy turns PgBouncer off: server-side apply, reads, watches and deletes the Role allows."""
+    kube, ns = chart.kube, chart.namespace
+    operator = chart.operator()
+    bouncer = {
+        "enabled": True,
+        "replicas": 1,
+        "maxClientConn": 50,
+        "defaultPoolSize": 2,
+        "reservePoolSize": 0,
+        "databases": ["postgres"],
+        "users": ["app_backend"],
+        "auth": {"userlistSecret": {"name": "userlist", "key": "userlist.txt"}},
+    }
+    policy = policy_manifest(
+        "shop",
+        ns,
+        host=pg_server.host,
+        port=pg_server.port,
+        spec={"remediation": {"mode": "DryRun"}, "pgbouncer": bouncer},
+    )
+    apply(kube, policy)
+    name = "shop-pgbouncer"
+    wait_until(
+        "the four objects",
+        lambda: all(_stored(kube, k, name, ns) for k in PGBOUNCER_KINDS),
+        timeout=60,
+    )
+    uid = get_policy(kube, ns, "shop")["metadata"]["uid"]
+    assert _stored(kube, "deployment", name, ns)["metadata"]["ownerReferences"][0]["uid"] == uid
+    ini = _stored(kube, "configmap", name, ns)["data"]
+    kube.kubectl(
+        "patch",
+        "configmap",
+        name,
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        json.dumps({"data": {"pgbouncer.ini": "[pgbouncer]\n"}}),
+    )
+    wait_until(
+        "the ConfigMap put back", lambda: _stored(kube, "configmap", name, ns)["data"] == ini
+    )
+    policy["spec"]["pgbouncer"] = {"enabled": False}
+    apply(kube, policy)
+    wait_until(
+        "the objects removed", lambda: not any(_stored(kube, k, name, ns) for k in PGBOUNCER_KINDS)
+    )
+    _no_refusals(operator)

@@ -84,7 +84,8 @@ tests/kube/test_chart_rbac.py runs it under exactly these rules and fails on any
   verbs: [list, watch, patch]
 {{- end }}
 {{- if .Values.rbac.pgbouncer }}
-# spec.pgbouncer: the pooler's Deployment, ConfigMap, Service and PodDisruptionBudget.
+# spec.pgbouncer: the pooler's Deployment, ConfigMap, Service and PodDisruptionBudget,
+# server-side applied (patch, and create when new), read, watched and deleted.
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, list, watch, create, patch, delete]
