@@ -189,5 +189,6 @@ class ChartOperator(OperatorProcess):
 
     def forbidden(self) -> list[str]:
         """Every log line that reports a refused API call (kopf's or pgrelief's)."""
-        markers = ("403", "Forbidden", "forbidden", "Not enough permissions")
+        # Not a bare "403": timestamps contain it (…20.024031).
+        markers = ("HTTP 403", "Forbidden", "forbidden", "Not enough permissions")
         return [line for line in self.logs().splitlines() if any(m in line for m in markers)]
