@@ -59,7 +59,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         finally:
             if context.workers.get(worker.key) is worker:
                 del context.workers[worker.key]
-            if body.metadata.get("deletionTimestamp"):
+                # Deleted, or this replica paused by peering: either way another process (or
+                # none) speaks for the policy now, and alerts take the max over replicas.
                 context.metrics.forget(worker.key)
 
     for group, version, plural, kind in MANAGED:
