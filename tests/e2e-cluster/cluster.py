@@ -57,6 +57,8 @@ APT_PACKAGES = {  # program -> Debian package
     "conntrack": "conntrack",
     "openssl": "openssl",
     "unshare": "util-linux",
+    "gcc": "gcc",  # build.sh: the static pause binary
+    "/usr/include/stdio.h": "libc6-dev",
 }
 START_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 30
@@ -209,7 +211,8 @@ def remove_cgroups(paths: list[str]) -> list[str]:
             continue
         dirs = sorted((Path(d) for d, _, _ in os.walk(root)), key=lambda d: len(d.parts))
         for d in reversed(dirs):
-            deadline = time.monotonic() + 10
+            began = time.monotonic()
+            deadline = began + 10
             while d.exists():
                 with contextlib.suppress(OSError):
                     for pid in (d / "cgroup.procs").read_text().split():
@@ -222,6 +225,8 @@ def remove_cgroups(paths: list[str]) -> list[str]:
                         left.append(str(d))
                         break
                     time.sleep(0.1)
+            if time.monotonic() - began > 1:
+                log(f"removing {d} took {time.monotonic() - began:.1f} s")
     return left
 
 
@@ -441,6 +446,7 @@ def stop_locked(run_dir: Path, keep_logs: Path | None) -> int:
     if state is None:
         log(f"no cluster recorded in {run_dir}")
         return 0
+    log(f"stopping the cluster recorded in {run_dir}")
     for pid_key, start_key, sig in (
         ("init_pid", "init_start", signal.SIGTERM),
         ("unshare_pid", "unshare_start", signal.SIGKILL),
@@ -469,11 +475,12 @@ def stop_locked(run_dir: Path, keep_logs: Path | None) -> int:
     before = None
     with contextlib.suppress(OSError, ValueError):
         before = json.loads(Path(state["host_before"]).read_text())
+    log("cgroups removed")
     mounted = [m for m in hostcheck.snapshot()["mounts"] if f" {run_dir}" in f" {m}"]
     if mounted:
         raise ClusterError(f"refusing to remove {run_dir}: still mounted: {mounted}")
     shutil.rmtree(run_dir)
-    log("cgroups and run directory removed")
+    log("run directory removed")
     if left:
         log(f"cgroups that could not be removed: {left}")
     if before is None:
@@ -521,6 +528,8 @@ def main(argv: list[str]) -> int:
             cmd.add_argument("name", help="the image becomes localhost/pgrelief/NAME:e2e")
             cmd.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    # A SIGTERM to a start in progress unwinds like Ctrl-C: the half-started node is undone.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     try:
         if args.command == "start":
             print(json.dumps(start(args.run_dir), indent=1))
