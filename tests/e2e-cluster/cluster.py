@@ -461,10 +461,15 @@ def stop_locked(run_dir: Path, keep_logs: Path | None) -> int:
             _reap(pid)
             time.sleep(0.1)
         if _alive(pid, started):
+            log(f"{pid_key} {pid} did not stop in {STOP_TIMEOUT_S} s: killing it")
+            if sig == signal.SIGTERM:
+                os.kill(pid, signal.SIGUSR1)  # nsinit.py dumps its threads' stacks
+                time.sleep(0.5)
             os.kill(pid, signal.SIGKILL)  # the kernel kills the whole PID namespace with it
             while _alive(pid, started):
                 _reap(pid)
                 time.sleep(0.1)
+        log(f"{pid_key} {pid} is gone")
     log("namespace stopped")
     left = remove_cgroups(state["cgroups"])
     if keep_logs is not None:
@@ -472,6 +477,7 @@ def stop_locked(run_dir: Path, keep_logs: Path | None) -> int:
         for name in ("logs", "pod-logs"):
             if (run_dir / name).is_dir():
                 shutil.copytree(run_dir / name, keep_logs / name, dirs_exist_ok=True)
+        log("logs kept")
     before = None
     with contextlib.suppress(OSError, ValueError):
         before = json.loads(Path(state["host_before"]).read_text())
@@ -479,7 +485,10 @@ def stop_locked(run_dir: Path, keep_logs: Path | None) -> int:
     mounted = [m for m in hostcheck.snapshot()["mounts"] if f" {run_dir}" in f" {m}"]
     if mounted:
         raise ClusterError(f"refusing to remove {run_dir}: still mounted: {mounted}")
-    shutil.rmtree(run_dir)
+    log("nothing mounted under the run directory")
+    # rm -rf is ~3x faster than shutil.rmtree on containerd's unpacked layers; and it does
+    # not cross into another filesystem should anything be mounted after the check above.
+    subprocess.run(["rm", "-rf", "--one-file-system", str(run_dir)], check=True)
     log("run directory removed")
     if left:
         log(f"cgroups that could not be removed: {left}")

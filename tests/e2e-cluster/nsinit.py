@@ -15,6 +15,7 @@ links, addresses, routes and iptables rules of the namespaces disappear with the
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import signal
@@ -247,16 +248,17 @@ def _run(*cmd: str) -> None:
 
 
 def main() -> int:
+    # cluster.py sends SIGUSR1 before it gives up on a graceful stop: the log shows where.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     init = Init(Path(sys.argv[1]))
-    wake = threading.Event()
 
+    # Signal handlers only set a flag: taking a lock in one (threading.Event.set does) can
+    # deadlock against the very thread it interrupted.
     def on_term(_sig: int, _frame: object) -> None:
         init.stopping = True
-        wake.set()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGCHLD, lambda _s, _f: wake.set())
 
     def boot() -> None:
         try:
@@ -268,13 +270,11 @@ def main() -> int:
             init.log(f"failed: {exc}")
             init.write_status("failed", str(exc))
             init.stopping = True
-        wake.set()
 
     init.write_status("setup")
     threading.Thread(target=boot, daemon=True).start()
     while not init.stopping:
-        wake.wait(1.0)
-        wake.clear()
+        time.sleep(0.2)
         init.reap()
     init.reaping.set()
     init.stop()
