@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -124,11 +125,20 @@ class Builder:
         partial.unlink(missing_ok=True)
         self.buildah("push", "--quiet", name, f"oci-archive:{partial}:{name}")
         partial.replace(archive)
+        # Older builds of the same image are not needed any more: drop their archives and,
+        # now untagged, their copies in buildah's storage (vfs keeps full copies per layer).
+        short = archive.name.rsplit("-", 1)[0]
+        for old in self.archives.glob(f"{short}-*.tar"):
+            if old != archive and old.name.rsplit("-", 1)[0] == short:
+                old.unlink()
+        self.buildah("rmi", "--prune", check=False)
 
     # ------------------------------------------------------------------ the images
     def base(self) -> Image:
         name = image_name("base")
-        key = _digest(SUITE, MIRROR, *BASE_PACKAGES, BUILD_VERSION, Path(__file__).read_bytes())
+        # What makes the base: not the rest of this file, whose edits must not rebuild it.
+        recipe = inspect.getsource(Builder.base) + inspect.getsource(Builder._debootstrap)
+        key = _digest(SUITE, MIRROR, *BASE_PACKAGES, BUILD_VERSION, recipe)
         archive = self.archives / f"base-{key}.tar"
         if archive.exists():
             image = Image(name, archive, 0.0)
