@@ -43,9 +43,9 @@ from typing import Any
 import config
 import hostcheck
 import images
+from cgroups import cgroup_hierarchies, create_cgroups, remove_cgroups
 
 HERE = Path(__file__).resolve().parent
-CGROUP_NAME = "pgrelief-e2e"
 APT_PACKAGES = {  # program -> Debian package
     "containerd": "containerd",
     "runc": "runc",
@@ -159,75 +159,6 @@ def build_binaries() -> Path:
     if proc.returncode != 0 or not lines:
         raise ClusterError(f"build.sh failed (exit {proc.returncode})")
     return Path(lines[-1])
-
-
-# ---------------------------------------------------------------------- cgroups
-def cgroup_hierarchies() -> list[tuple[Path, str, str]]:
-    """(mount point, fstype, super options) of every cgroup hierarchy of this machine."""
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        fstype, options = fields[sep + 1], fields[sep + 3]
-        if fstype in ("cgroup", "cgroup2"):
-            opts = [o for o in options.split(",") if o not in ("rw", "ro")]
-            found.append((Path(fields[4]), fstype, ",".join(opts) or "rw"))
-    return found
-
-
-def own_cgroup(hierarchy: Path, fstype: str, options: str) -> str:
-    """This process's cgroup in a hierarchy, from /proc/self/cgroup."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        names = set(controllers.split(",")) if controllers else set()
-        if (fstype == "cgroup2" and not controllers) or (
-            names and names <= set(options.split(","))
-        ):
-            return path
-    return "/"
-
-
-def create_cgroups(run_dir: Path, state: dict[str, Any]) -> list[Path]:
-    """pgrelief-e2e next to this process's cgroup in every hierarchy: the node's cgroup root."""
-    made: list[Path] = []
-    for hierarchy, fstype, options in cgroup_hierarchies():
-        path = hierarchy / own_cgroup(hierarchy, fstype, options).lstrip("/") / CGROUP_NAME
-        state["cgroups"].append(str(path))
-        save_state(run_dir, state)  # recorded before it exists: stop removes it either way
-        path.mkdir()
-        if "cpuset" in options.split(","):
-            # A cpuset cgroup takes no process until it has CPUs and memory nodes.
-            for name in ("cpuset.cpus", "cpuset.mems"):
-                (path / name).write_text((path.parent / name).read_text())
-        made.append(path)
-    return made
-
-
-def remove_cgroups(paths: list[str]) -> list[str]:
-    """Kill what is left in them, remove them deepest first; return what could not go."""
-    left = []
-    for root in map(Path, paths):
-        if not root.exists():
-            continue
-        dirs = sorted((Path(d) for d, _, _ in os.walk(root)), key=lambda d: len(d.parts))
-        for d in reversed(dirs):
-            began = time.monotonic()
-            deadline = began + 10
-            while d.exists():
-                with contextlib.suppress(OSError):
-                    for pid in (d / "cgroup.procs").read_text().split():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
-                try:
-                    d.rmdir()
-                except OSError:
-                    if time.monotonic() > deadline:
-                        left.append(str(d))
-                        break
-                    time.sleep(0.1)
-            if time.monotonic() - began > 1:
-                log(f"removing {d} took {time.monotonic() - began:.1f} s")
-    return left
 
 
 # ---------------------------------------------------------------------- talking to the cluster
@@ -347,7 +278,12 @@ def _start_locked(
         for h, fstype, opts in cgroup_hierarchies()
     ]
     config.write_plan(p, bin_dir, built["pause"].name, listener.fileno(), mounts)
-    cgroups = create_cgroups(run_dir, state)
+
+    def record(path: Path) -> None:
+        state["cgroups"].append(str(path))
+        save_state(run_dir, state)
+
+    cgroups = create_cgroups(record)
 
     # The shell joins the node's cgroups, then becomes unshare: the new cgroup namespace is
     # rooted there, and so is everything started inside.
