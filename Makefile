@@ -9,7 +9,7 @@ install:
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 
 demo: install
-	$(PYTHON) -m pgrelief.demo
+	$(PYTHON) -m pgrelief._dev.demo
 
 kube-tools:
 	bash scripts/install-kube-tools.sh "$(CACHE_DIR)/bin"
@@ -35,7 +35,7 @@ lint:
 
 typecheck:
 	$(PYTHON) -m mypy
-	lint-imports
+	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 test: install lint typecheck
 	$(PYTHON) -m pytest -q

@@ -34,12 +34,13 @@ from pathlib import Path
 
 import psycopg
 
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.audit import AuditLog
 from pgrelief.connection import ManagedConnection
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.observe import SETTINGS, SNAPSHOT_QUERY
 from pgrelief.policy_file import parse_policy
-from pgrelief.runner import Runner, StateStore
+from pgrelief.runner import Runner
+from pgrelief.state_file import StateStore
 
 THRESHOLD_S = 2.0
 LEAK_ROLE = "leaky_app"
@@ -105,10 +106,11 @@ def pgrelief_loop(interval: str) -> Mechanism:
     def mechanism(server: EmbeddedPostgres, stop: threading.Event) -> None:
         policy = parse_policy(POLICY.format(interval=interval))
         with tempfile.TemporaryDirectory() as scratch, ManagedConnection(server.dsn()) as conn:
-            runner = Runner(policy, conn, StateStore(Path(scratch) / "state.json"), AuditLog())
+            store = StateStore(Path(scratch) / "state.json")
+            runner = Runner(policy, conn, store, AuditLog(), stopping=stop)
             # Start at a random phase, as a loop that has been running for a while would be.
             stop.wait(random.uniform(0, policy.spec.interval_seconds))
-            runner.loop(stop, on_cycle=lambda _report: None)
+            runner.loop(on_cycle=lambda _report: None)
 
     return mechanism
 

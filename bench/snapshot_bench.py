@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.observe import SETTINGS, SNAPSHOT_QUERY, connect, take_snapshot
 
 ROLES = ("app_backend", "reporting", "batch_worker", "web_readonly")

@@ -18,9 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgrelief import dumps
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.dumps import load_activity, load_settings, read_table, snapshot_from_files
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief.dumps._arrow import fast_activity
+from pgrelief.dumps.activity import sessions_from
+from pgrelief.dumps.tables import HOW_TO, parse_table
 from pgrelief.errors import DumpError, PgreliefError
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.snapshot import Session, Snapshot
@@ -310,7 +312,7 @@ def test_missing_unreadable_and_empty_files(tmp_path: Path) -> None:
     expect_dump_error(tmp_path, "is a directory")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    expect_dump_error(empty, "the file is empty", "\\copy (select * from pg_stat_activity)")
+    expect_dump_error(empty, "the file is empty", "accepted: CSV with a header line")
     blank = tmp_path / "blank.json"
     blank.write_text("  \n\n ")
     expect_dump_error(blank, "the file is empty")
@@ -322,10 +324,18 @@ def test_missing_unreadable_and_empty_files(tmp_path: Path) -> None:
 def test_text_that_is_not_a_dump(tmp_path: Path) -> None:
     prose = tmp_path / "notes.txt"
     prose.write_text("the database is down again\nplease help\n")
-    expect_dump_error(prose, "not a CSV dump with a header line", "the database is down again")
-    pasted = tmp_path / "pasted.csv"
-    pasted.write_text(" pid | state\n-----+-------\n 42 | idle\n(1 row)\n")
-    expect_dump_error(pasted, "not a CSV dump with a header line")
+    expect_dump_error(
+        prose,
+        "not a dump pgrelief can read (first line: 'the database is down again')",
+        "accepted: CSV with a header line",
+        "psql's aligned or expanded (\\x) output",
+    )
+    # psql's aligned output is read; this one lacks what a Session needs.
+    pasted = tmp_path / "pasted.txt"
+    pasted.write_text(" pid | state\n-----+-------\n  42 | idle\n(1 row)\n")
+    expect_dump_error(
+        pasted, "missing column(s) usename (or usesysid), state_change (or query_start)"
+    )
     header_only = tmp_path / "header.csv"
     header_only.write_text("pid,usename,state,state_change\n")
     expect_dump_error(header_only, "header but no rows")
@@ -456,19 +466,19 @@ def test_settings_that_do_not_add_up(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ fast path = reference path
-# A psql CSV activity dump is read by pyarrow (dumps._fast_activity); every other file, and
+# A psql CSV activity dump is read by pyarrow (dumps._arrow.fast_activity); every other file, and
 # any file that reader might read differently, by the csv module (the reference). These tests
 # hold the fast path to the reference's result, value for value (repr: offsets and floats).
 def reference(data: bytes, path: Path = Path("activity.csv")) -> str:
     """repr of the reference path's ActivityDump, or its error message."""
     try:
-        return repr(dumps._sessions(dumps._parse_table(path, data, dumps._HOW_TO)))
+        return repr(sessions_from(parse_table(path, data, HOW_TO)))
     except DumpError as failure:
         return f"DumpError: {failure}"
 
 
 def fast(data: bytes, path: Path = Path("activity.csv")) -> str | None:
-    found = dumps._fast_activity(path, data)
+    found = fast_activity(path, data)
     return None if found is None else repr(found)
 
 
@@ -518,7 +528,7 @@ def test_psql_csv_takes_the_fast_path_with_the_reference_result(
 ) -> None:
     synthetic = copy_csv(pg_server, SYNTHETIC_ACTIVITY, tmp_path / "s.csv", timezone=timezone)
     data = synthetic.read_bytes()
-    found = dumps._fast_activity(synthetic, data)
+    found = fast_activity(synthetic, data)
     assert found is not None
     assert repr(found) == reference(data, synthetic)
     assert found.clock_source == "column now"
@@ -543,7 +553,7 @@ def test_psql_csv_takes_the_fast_path_with_the_reference_result(
             pg_server, "select * from pg_stat_activity", tmp_path / "a.csv", timezone=timezone
         )
     data = live.read_bytes()
-    found = dumps._fast_activity(live, data)
+    found = fast_activity(live, data)
     assert found is not None
     assert repr(found) == reference(data, live)
     zone = ZoneInfo(timezone)
@@ -712,19 +722,20 @@ def test_input_pyarrow_reads_differently_takes_the_reference_path(tmp_path: Path
     hexadecimal.write_text(f"{header}0x10,u,idle,{stamp},\n")  # pyarrow: 16
     expect_dump_error(hexadecimal, "line 2, column pid: '0x10' is not an integer")
     for path in (after_quote, hexadecimal):
-        assert dumps._fast_activity(path, path.read_bytes()) is None
+        assert fast_activity(path, path.read_bytes()) is None
     # What int() reads and pyarrow does not: the reference reads it, as before.
     spaced = tmp_path / "spaced.csv"
     spaced.write_text(f'{header}" 7",u,idle,{stamp},\n')
-    assert dumps._fast_activity(spaced, spaced.read_bytes()) is None
+    assert fast_activity(spaced, spaced.read_bytes()) is None
     assert [s.pid for s in load_activity(spaced).sessions] == [7]
     # A query as long as track_activity_query_size allows (1 MB): both paths read it.
     long_query = "select '" + "x" * 1_000_000 + "'"
     data = f"{header}1,u,idle,{stamp},\n2,u,active,{stamp},{long_query}\n".encode()
     assert fast(data) == reference(data)
     assert long_query in (fast(data) or "")
-    # Undecodable bytes in a column that is read: replaced, as the reference does.
+    # Bytes that are not UTF-8 in a column that is read: the reference path decodes them
+    # (here as LATIN1, the only encoding the file can be in; test_encodings has the rest).
     mangled = tmp_path / "mangled.csv"
     mangled.write_bytes(f"{header}1,u\xff,idle,{stamp},\n".encode("latin-1"))
-    assert dumps._fast_activity(mangled, mangled.read_bytes()) is None
-    assert [s.usename for s in load_activity(mangled).sessions] == ["u\ufffd"]
+    assert fast_activity(mangled, mangled.read_bytes()) is None
+    assert [s.usename for s in load_activity(mangled).sessions] == ["u\xff"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgrelief.embedded import BINDIR_ENV, EmbeddedPostgres, EmbeddedPostgresError, find_install
+from pgrelief._dev.embedded import BINDIR_ENV, EmbeddedPostgres, EmbeddedPostgresError, find_install
 
 
 def test_lifecycle_listeners_settings_and_cleanup() -> None:

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
 from pgrelief.observe import connect, describe_dsn, take_snapshot
 from pgrelief.snapshot import Session, Snapshot

@@ -25,8 +25,8 @@ from pgrelief.plan import (
     role_key,
 )
 from pgrelief.snapshot import Session, Setting
-from tests.plan_builders import (
-    NOW,
+from tests.factories import (
+    MANAGED_SETTINGS,
     OWN_PID,
     apply_changes,
     database,
@@ -37,6 +37,7 @@ from tests.plan_builders import (
     snapshot,
     spec,
 )
+from tests.factories import TAKEN_AT as NOW
 
 EMPTY = PlanHistory()
 
@@ -72,7 +73,7 @@ def test_stale_idle_session_is_terminated_with_its_identity_for_the_recheck() ->
     assert evidence["usename"] == "app"
     assert evidence["state_age_s"] == 3600.0
     assert evidence["pressure"] == "warning"
-    assert evidence["client_addr"] == "10.0.0.5"
+    assert evidence["client_addr"] == "10.0.0.1"
     assert result.skipped == ()
 
 
@@ -238,7 +239,7 @@ PROTECT_ALL = {
 )
 def test_protected_sessions_are_spared_and_reported(victim: Session, why: str) -> None:
     policy = enforce(protect=PROTECT_ALL)
-    result = plan(policy, snapshot([victim]), Severity.CRITICAL, EMPTY, NOW)
+    result = plan(policy, snapshot([victim], own_pid=OWN_PID), Severity.CRITICAL, EMPTY, NOW)
     assert result.terminations == ()
     assert skipped(result) == {victim.pid: why}
     assert result.skipped[0].target == f"pid {victim.pid}"
@@ -262,7 +263,7 @@ def test_superusers_terminated_only_when_policy_allows() -> None:
 
 def test_own_session_never_terminated_even_without_protections() -> None:
     policy = enforce(protect={"superusers": False, "listeners": False})
-    snap = snapshot([session(OWN_PID, "idle", 3600, is_superuser=None)])
+    snap = snapshot([session(OWN_PID, "idle", 3600, is_superuser=None)], own_pid=OWN_PID)
     result = plan(policy, snap, Severity.CRITICAL, EMPTY, NOW)
     assert result.terminations == ()
 
@@ -459,7 +460,7 @@ def test_server_settings_compare_value_times_unit() -> None:
     assert (
         plan(policy, snapshot(server_settings=already), Severity.HEALTHY, EMPTY, NOW).actions == ()
     )
-    fresh = plan(policy, snapshot(), Severity.HEALTHY, EMPTY, NOW)
+    fresh = plan(policy, snapshot(server_settings=MANAGED_SETTINGS), Severity.HEALTHY, EMPTY, NOW)
     assert [(c.setting, c.value, c.previous) for c in fresh.changes] == [
         ("idle_in_transaction_session_timeout", "300s", "0"),
         ("tcp_keepalives_idle", "60s", "0"),
@@ -541,7 +542,11 @@ def test_second_cycle_after_applying_emits_nothing() -> None:
             "server": {"tcpKeepalivesIdle": 60, "idleInTransactionSessionTimeout": "5m"},
         },
     )
-    before = snapshot(roles=[role('we"ird; role')], databases=[database("dätä base")])
+    before = snapshot(
+        roles=[role('we"ird; role')],
+        databases=[database("dätä base")],
+        server_settings=MANAGED_SETTINGS,
+    )
     first = plan(policy, before, Severity.HEALTHY, EMPTY, NOW)
     assert len(first.changes) == 6
     after = apply_changes(before, first.changes)

@@ -19,7 +19,8 @@ from pgrelief.durations import parse_duration
 from pgrelief.plan import PlanHistory, plan
 from pgrelief.policy import ConnectionPolicySpec
 from pgrelief.snapshot import Session
-from tests.plan_builders import NOW, apply_changes, role, session, snapshot, spec
+from tests.factories import TAKEN_AT as NOW
+from tests.factories import apply_changes, role, session, snapshot, spec
 
 ROLES = ["app", "batch", "admin", 'q"uote', "sp ace"]
 APPS = ["web", "worker", "psql", ""]

@@ -4,14 +4,21 @@ defaults; invalid ones are refused with one line per problem naming the YAML fie
 from __future__ import annotations
 
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from pgrelief.errors import PgreliefError
 from pgrelief.policy import (
+    API_GROUP,
+    API_VERSION,
+    API_VERSION_FULL,
+    KIND,
     RESERVED_PGBOUNCER_KEYS,
     ConnectionPolicy,
+    ConnectionPolicyStatus,
+    ObjectMeta,
     PolicyError,
     validate_policy,
     validate_spec,
@@ -436,6 +443,64 @@ def test_object_read_back_from_the_cluster_loads() -> None:
         }
     )
     assert policy.metadata.namespace == "prod"
+
+
+def test_status_read_back_from_the_cluster_is_typed() -> None:
+    # As `kubectl get cpol -o yaml` prints it: timestamps are RFC 3339 strings.
+    policy = validate_policy(
+        {
+            "apiVersion": "pgrelief.dev/v1alpha1",
+            "kind": "ConnectionPolicy",
+            "metadata": {"name": "db"},
+            "status": {
+                "observedGeneration": 2,
+                "pressure": "warning",
+                "lastDiagnosisTime": "2025-01-15T12:00:05Z",
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "Observed",
+                        "lastTransitionTime": "2025-01-15T12:00:00Z",
+                        "observedGeneration": 2,
+                    }
+                ],
+                "originals": {"role:app:connection_limit": "-1"},
+            },
+        }
+    )
+    assert isinstance(policy.status, ConnectionPolicyStatus)
+    assert policy.status.pressure == "warning"
+    assert policy.status.last_diagnosis_time == datetime(2025, 1, 15, 12, 0, 5, tzinfo=UTC)
+    (ready,) = policy.status.conditions
+    assert (ready.type, ready.status, ready.observed_generation) == ("Ready", "True", 2)
+    assert ready.last_transition_time == datetime(2025, 1, 15, 12, 0, tzinfo=UTC)
+
+
+def test_a_malformed_status_is_a_one_line_error() -> None:
+    with pytest.raises(PolicyError) as caught:
+        validate_policy(
+            {
+                "apiVersion": "pgrelief.dev/v1alpha1",
+                "kind": "ConnectionPolicy",
+                "metadata": {"name": "db"},
+                "status": {"conditions": [{"type": "Ready", "status": "yes"}], "phase": "Ok"},
+            }
+        )
+    assert str(caught.value) == (
+        "invalid policy: status.conditions[0].status: Input should be 'True', 'False' or "
+        "'Unknown' (got 'yes'); status.phase: unknown field (allowed: observedGeneration, "
+        "conditions, pressure, utilizationPercent, clientBackends, usableSlots, "
+        "lastDiagnosisTime, lastActionTime, terminationsLastHour, terminationsTotal, "
+        "plannedLastCycle, connections, findings, recentActions, recentTerminations, "
+        "failedActionsTotal, originals)"
+    )
+
+
+def test_the_api_version_is_spelled_once() -> None:
+    assert API_VERSION_FULL == f"{API_GROUP}/{API_VERSION}" == "pgrelief.dev/v1alpha1"
+    assert ConnectionPolicy(metadata=ObjectMeta(name="x")).api_version == API_VERSION_FULL
+    assert ConnectionPolicy(metadata=ObjectMeta(name="x")).kind == KIND == "ConnectionPolicy"
 
 
 def test_policies_directory_has_the_three_examples() -> None:

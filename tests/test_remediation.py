@@ -25,103 +25,28 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgrelief._dev.embedded import EmbeddedPostgres
 from pgrelief.act import execute
 from pgrelief.audit import AuditLog
 from pgrelief.connection import ManagedConnection
 from pgrelief.diagnose import DiagnoseOptions, diagnose
 from pgrelief.diagnosis import Severity
-from pgrelief.embedded import EmbeddedPostgres
 from pgrelief.errors import ServerRefused
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.plan import PlanHistory, TerminateBackend, plan
 from pgrelief.policy_file import parse_policy
-from pgrelief.runner import Runner, StateStore
+from pgrelief.runner import Runner
 from pgrelief.snapshot import Session
+from pgrelief.state_file import StateStore
 from tests.fixtures.postgres import SessionFactory
-
-POLICY = """\
-apiVersion: pgrelief.dev/v1alpha1
-kind: ConnectionPolicy
-metadata: {{name: test, namespace: pytest}}
-spec:
-  interval: 200ms
-  remediation:
-    mode: {mode}
-    onlyUnderPressure: {only_under_pressure}
-    terminate: {{idleAfter: 1s, idleInTransactionAfter: 1s, idleInTransactionAbortedAfter: 1s}}
-    budget: {{maxPerCycle: {per_cycle}, maxPerHour: {per_hour}}}
-    protect:
-      roles: [reporting]
-      applications: [nightly-export]
-      superusers: true
-      listeners: true
-  limits:
-    roles: {roles}
-    databases: {databases}
-"""
-AGE_PAST_THRESHOLD_S = 1.2
-
-
-def write_policy(
-    tmp_path: Path,
-    *,
-    mode: str = "Enforce",
-    only_under_pressure: bool = False,
-    per_cycle: int = 100,
-    per_hour: int = 1000,
-    roles: str = "[]",
-    databases: str = "[]",
-) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(
-        POLICY.format(
-            mode=mode,
-            only_under_pressure=str(only_under_pressure).lower(),
-            per_cycle=per_cycle,
-            per_hour=per_hour,
-            roles=roles,
-            databases=databases,
-        ),
-        encoding="utf-8",
-    )
-    return path
-
-
-def pgrelief(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgrelief", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def run_once(server: EmbeddedPostgres, policy: Path, tmp_path: Path, *extra: str) -> list[dict]:
-    """One ``pgrelief run --once``; returns the audit records that run appended."""
-    audit = tmp_path / "audit.jsonl"
-    before = len(audit.read_text().splitlines()) if audit.exists() else 0
-    done = pgrelief(
-        "run", "--policy", str(policy), "--dsn", server.dsn(), "--once",
-        "--audit-file", str(audit), "--state-file", str(tmp_path / "state.json"), *extra,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    lines = audit.read_text().splitlines() if audit.exists() else []
-    return [json.loads(line) for line in lines[before:]]
-
-
-def alive(admin: psycopg.Connection[tuple[object, ...]], pids: list[int]) -> set[int]:
-    rows = admin.execute("select pid from pg_stat_activity where pid = any(%s)", (pids,))
-    return {int(str(row[0])) for row in rows.fetchall()}
-
-
-def terminated_pids(records: list[dict]) -> set[int]:
-    return {
-        int(r["target"].split()[-1])
-        for r in records
-        if r["action"] == "terminate" and r["outcome"] == "done"
-    }
+from tests.runs import (
+    AGE_PAST_THRESHOLD_S,
+    alive,
+    pgrelief,
+    run_once,
+    terminated_pids,
+    write_policy,
+)
 
 
 @pytest.fixture

@@ -5,11 +5,12 @@ re-checks, in the same statement, that the session is still the one observed (sa
 backend_start, state and state_change), so a session that turned active or a reused pid is
 never killed; and every action, performed or not, becomes one audit record with its outcome.
 All names and values reach SQL through ``psycopg.sql`` (DDL cannot take server-side
-parameters).
+parameters); the ALTER statements themselves are described once, in ``statements``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgrelief.audit import AuditRecord, Outcome
+from pgrelief.audit import AuditRecord, AuditSink, Outcome
 from pgrelief.plan import (
     Action,
     Recommendation,
@@ -27,23 +28,58 @@ from pgrelief.plan import (
     SetSystemSetting,
     TerminateBackend,
 )
+from pgrelief.statements import RELOAD_CONF, Statement, Value
 
 Connection = psycopg.Connection[tuple[Any, ...]]
 
-# pg_terminate_backend(pid, timeout) (PG14+) waits until the backend is gone, so the slot is
-# free when we report success; older servers only signal.
-_TERMINATE_WAIT_MS = 2000
-_TERMINATE = sql.SQL(
+# After signalling, how long to wait for the backends to exit (their slots to be free) and how
+# often to look. PostgreSQL's own pg_terminate_backend(pid, timeout) polls every 100 ms per
+# backend, one backend at a time: 300 sessions took 30 s. One poll for the whole batch instead.
+TERMINATE_WAIT_S = 2.0
+_EXIT_POLL_S = 0.005
+
+# One statement signals the whole batch. Each row repeats the session as observed, so a
+# session that became active, or a pid reused by a new backend, matches nothing and is left
+# alone; a session our role may not signal (pg_signal_backend's rules: never a superuser's
+# backend unless we are one; otherwise a role we have the privileges of, or membership in
+# pg_signal_backend) is reported instead of failing the whole statement.
+_TERMINATE_BATCH = sql.SQL(
     """
-    select pg_terminate_backend(pid{wait})
-      from pg_stat_activity
-     where pid = %(pid)s
-       and backend_type = 'client backend'
-       and backend_start is not distinct from %(backend_start)s
-       and state is not distinct from %(state)s
-       and state_change is not distinct from %(state_change)s
+    with wanted as (
+        select * from unnest(%(pids)s::int[], %(starts)s::timestamptz[], %(states)s::text[],
+                             %(changes)s::timestamptz[])
+                   as w(pid, backend_start, state, state_change)
+    ), me as (
+        select rolsuper from pg_roles where rolname = current_user
+    ), matched as (
+        select a.pid,
+               coalesce((select rolsuper from me), false)
+               or (not coalesce(r.rolsuper, true)
+                   and (pg_has_role(current_user, a.usesysid, 'USAGE')
+                        or pg_has_role(current_user, 'pg_signal_backend', 'USAGE')))
+               as permitted
+          from pg_stat_activity a
+          join wanted w on w.pid = a.pid
+          left join pg_roles r on r.oid = a.usesysid
+         where a.backend_type = 'client backend'
+           and a.backend_start is not distinct from w.backend_start
+           and a.state is not distinct from w.state
+           and a.state_change is not distinct from w.state_change
+    )
+    select pid, permitted, case when permitted then pg_terminate_backend(pid) end
+      from matched
     """
 )
+_STILL_THERE = sql.SQL(
+    """
+    select a.pid from pg_stat_activity a
+      join unnest(%(pids)s::int[], %(starts)s::timestamptz[]) as w(pid, backend_start)
+        on w.pid = a.pid and a.backend_start is not distinct from w.backend_start
+    """
+)
+
+CHANGED_SINCE_OBSERVED = "session changed since it was observed (gone, active again, or pid reused)"
+INTENT = "about to terminate; the outcome follows in the next record for this target"
 
 
 def execute(
@@ -52,46 +88,129 @@ def execute(
     *,
     dry_run: bool,
     policy: str = "",
+    sink: AuditSink | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> list[AuditRecord]:
-    """Perform ``actions`` in order (or, with ``dry_run``, none) and return one record each."""
-    records: list[AuditRecord] = []
+    """Perform ``actions`` (or, with ``dry_run``, none) and return one outcome record each.
+
+    Records reach ``sink`` as they happen: a termination's intent before it is signalled, its
+    outcome once the batch is done, each ALTER's right after it ran. When ``sink`` raises, the
+    actions after that point are not attempted.
+    """
+    emit = sink or (lambda _records: None)
+
+    def record(action: Action, outcome: Outcome, detail: str) -> AuditRecord:
+        return AuditRecord(
+            ts=clock(),
+            action=action.action,
+            target=action.target,
+            reason=action.reason,
+            evidence=action.evidence,
+            dry_run=dry_run,
+            outcome=outcome,
+            detail=detail,
+            policy=policy,
+        )
+
+    if dry_run:
+        records = [record(a, "skipped", "dry run: nothing was changed") for a in actions]
+        emit(records)
+        return records
+    records = []
+    terminations = [a for a in actions if isinstance(a, TerminateBackend)]
+    if terminations:
+        emit([record(a, "intent", INTENT) for a in terminations])
+        outcomes = terminate_batch(conn, terminations)
+        done = [record(a, *outcomes[a.pid]) for a in terminations]
+        emit(done)
+        records.extend(done)
     reload_needed = False
-    version_num = conn.info.server_version
     for action in actions:
+        if isinstance(action, TerminateBackend):
+            continue
         outcome: Outcome
-        if dry_run:
-            outcome, detail = "skipped", "dry run: nothing was changed"
-        elif isinstance(action, Recommendation):
+        if isinstance(action, Recommendation):
             outcome, detail = "skipped", "recommendation only: pgrelief never applies it"
         else:
             try:
-                outcome, detail = _perform(conn, action, version_num)
+                outcome, detail = _alter(conn, action)
             except psycopg.Error as error:
                 outcome, detail = "failed", _error_text(error)
-            if outcome == "done" and isinstance(action, SetSystemSetting):
-                reload_needed = True
-        records.append(
-            AuditRecord(
-                ts=clock(),
-                action=action.action,
-                target=action.target,
-                reason=action.reason,
-                evidence=action.evidence,
-                dry_run=dry_run,
-                outcome=outcome,
-                detail=detail,
-                policy=policy,
-            )
-        )
+            reload_needed |= outcome == "done" and isinstance(action, SetSystemSetting)
+        done_one = record(action, outcome, detail)
+        emit([done_one])
+        records.append(done_one)
     if reload_needed:
-        conn.execute("select pg_reload_conf()")
+        conn.execute(composed(RELOAD_CONF))
     return records
 
 
-def _perform(conn: Connection, action: Action, version_num: int) -> tuple[Outcome, str]:
-    if isinstance(action, TerminateBackend):
-        return _terminate(conn, action, version_num)
+def terminate_batch(
+    conn: Connection, terminations: Sequence[TerminateBackend], *, wait_s: float = TERMINATE_WAIT_S
+) -> dict[int, tuple[Outcome, str]]:
+    """Signal every session still as observed in one statement, then wait for them together.
+
+    Returns (outcome, detail) per pid: done once the backend has exited (or was signalled and
+    is still exiting after ``wait_s``), skipped when the session changed, failed when our role
+    may not signal it or the statement itself failed (then nothing is known to be done).
+    """
+    params = {
+        "pids": [t.pid for t in terminations],
+        "starts": [t.backend_start for t in terminations],
+        "states": [t.state for t in terminations],
+        "changes": [t.state_change for t in terminations],
+    }
+    outcomes: dict[int, tuple[Outcome, str]] = {
+        t.pid: ("skipped", CHANGED_SINCE_OBSERVED) for t in terminations
+    }
+    try:
+        rows = conn.execute(_TERMINATE_BATCH, params).fetchall()
+    except psycopg.Error as error:
+        detail = (
+            f"the terminate statement failed, nothing is known to be done: {_error_text(error)}"
+        )
+        return {t.pid: ("failed", detail) for t in terminations}
+    signalled: set[int] = set()
+    for pid, permitted, result in rows:
+        if not permitted:
+            outcomes[pid] = (
+                "failed",
+                "permission denied: pgrelief's role may not signal this session's role "
+                "(grant it pg_signal_backend; a superuser's session needs a superuser)",
+            )
+        elif not result:
+            outcomes[pid] = ("failed", "pg_terminate_backend returned false (already exiting?)")
+        else:
+            signalled.add(pid)
+            outcomes[pid] = ("done", "")
+    lingering = _wait_for_exit(conn, [t for t in terminations if t.pid in signalled], wait_s)
+    for pid in lingering:
+        outcomes[pid] = ("done", f"signalled; the backend had not exited after {wait_s:g}s")
+    return outcomes
+
+
+def _wait_for_exit(
+    conn: Connection, signalled: Sequence[TerminateBackend], wait_s: float
+) -> set[int]:
+    """The pids of ``signalled`` still present after up to ``wait_s`` seconds."""
+    if not signalled:
+        return set()
+    params = {
+        "pids": [t.pid for t in signalled],
+        "starts": [t.backend_start for t in signalled],
+    }
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            present = {row[0] for row in conn.execute(_STILL_THERE, params)}
+        except psycopg.Error:
+            return set()  # signalled is what we know; the next snapshot shows the rest
+        if not present or time.monotonic() >= deadline:
+            return present
+        time.sleep(_EXIT_POLL_S)
+
+
+def _alter(conn: Connection, action: Action) -> tuple[Outcome, str]:
     statement = alter_statement(action)
     if statement is None:
         return "skipped", f"pgrelief cannot perform {action.action!r} actions"
@@ -99,56 +218,28 @@ def _perform(conn: Connection, action: Action, version_num: int) -> tuple[Outcom
     return "done", ""
 
 
-def _terminate(conn: Connection, action: TerminateBackend, version_num: int) -> tuple[Outcome, str]:
-    wait = (
-        sql.SQL(", {}").format(sql.Literal(_TERMINATE_WAIT_MS))
-        if version_num >= 140000
-        else sql.SQL("")
-    )
-    row = conn.execute(
-        _TERMINATE.format(wait=wait),
-        {
-            "pid": action.pid,
-            "backend_start": action.backend_start,
-            "state": action.state,
-            "state_change": action.state_change,
-        },
-    ).fetchone()
-    if row is None:
-        return (
-            "skipped",
-            "session changed since it was observed (gone, active again, or pid reused)",
-        )
-    if not row[0]:
-        return "failed", "pg_terminate_backend returned false (no permission, or already exiting)"
-    return "done", ""
-
-
 def alter_statement(action: Action) -> sql.Composed | None:
     """The DDL for a limit or setting action, names and values quoted by psycopg.sql."""
-    if isinstance(action, SetRoleConnectionLimit):
-        return sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
-            sql.Identifier(action.role), sql.Literal(action.limit)
-        )
-    if isinstance(action, SetDatabaseConnectionLimit):
-        return sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
-            sql.Identifier(action.database), sql.Literal(action.limit)
-        )
-    if isinstance(action, SetRoleSetting):
-        if action.value is None:
-            return sql.SQL("ALTER ROLE {} RESET {}").format(
-                sql.Identifier(action.role), sql.Identifier(action.setting)
-            )
-        return sql.SQL("ALTER ROLE {} SET {} = {}").format(
-            sql.Identifier(action.role), sql.Identifier(action.setting), sql.Literal(action.value)
-        )
-    if isinstance(action, SetSystemSetting):
-        if action.value is None:
-            return sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(action.setting))
-        return sql.SQL("ALTER SYSTEM SET {} = {}").format(
-            sql.Identifier(action.setting), sql.Literal(action.value)
-        )
+    if isinstance(
+        action,
+        SetRoleConnectionLimit | SetRoleSetting | SetDatabaseConnectionLimit | SetSystemSetting,
+    ):
+        return composed(action.statement)
     return None
+
+
+def composed(statement: Statement) -> sql.Composed:
+    """``statement`` for execution: names as ``sql.Identifier``, values as ``sql.Literal``.
+
+    The text shown for the same statement is rendered by ``advice`` from the same parts.
+    """
+    parts: list[sql.Composable] = []
+    for part in statement.parts:
+        if isinstance(part, Value):
+            parts.append(sql.Literal(part.value))
+        else:
+            parts.append(sql.Identifier(part.value))
+    return sql.SQL(statement.template).format(*parts)
 
 
 def _error_text(error: psycopg.Error) -> str:

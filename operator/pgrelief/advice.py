@@ -6,17 +6,21 @@ them back, a role called ``we"ird role`` included, and terminate statements re-c
 was observed so that pasting them a minute late cannot kill the wrong session.
 
 These are display texts built without a server: the I/O modules that execute SQL compose it
-with ``psycopg.sql`` instead. The numbers (pool sizes, limits) come from ``sizing``; this
-module only words them.
+with ``psycopg.sql`` instead. The ALTER statements are described once in ``statements``: this
+module renders their text, ``act`` their executed form. The numbers (pool sizes, limits) come
+from ``sizing``; this module only words them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from pgrelief import pgbouncer_ini as _ini
+from pgrelief import statements as stmt
 from pgrelief.snapshot import Session
+from pgrelief.statements import Name, Parameter, Statement
 
 SQLALCHEMY = "sqlalchemy"
 DJANGO = "django"
@@ -43,7 +47,6 @@ _RESERVED = frozenset(
     variadic verbose when where window with public none""".split()  # noqa: SIM905
 )
 _SIMPLE_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
-_PGBOUNCER_BARE = re.compile(r"[0-9A-Za-z_.-]+")
 
 
 def quote_ident(name: str) -> str:
@@ -212,27 +215,55 @@ def pattern_signal_sql(
     return "\n".join(lines) + ";"
 
 
+def fix_sql(*statements: Statement) -> str:
+    """Statements as a fix text prints them: one per line, key words in lower case, names
+    bare where PostgreSQL reads them back unchanged (``quote_ident``)."""
+    return "\n".join(_statement_text(s, quote_ident, lower=True) for s in statements)
+
+
+def action_sql(*statements: Statement) -> str:
+    """Statements as an action shows them: on one line, key words in upper case, object names
+    always in double quotes, as the action's target reads (``role "app"``)."""
+    return " ".join(_statement_text(s, quoted_name, lower=False) for s in statements)
+
+
+def _statement_text(statement: Statement, quote_name: Callable[[str], str], *, lower: bool) -> str:
+    texts: list[str] = []
+    for part in statement.parts:
+        if isinstance(part, Name):
+            texts.append(quote_name(part.value))
+        elif isinstance(part, Parameter):
+            texts.append(quote_ident(part.value))
+        elif isinstance(part.value, str):
+            texts.append(quote_literal(part.value))
+        else:
+            texts.append(str(part.value))
+    template = statement.template.lower() if lower else statement.template
+    return template.format(*texts) + ";"
+
+
 def alter_role_connection_limit(role: str, limit: int) -> str:
-    return f"alter role {quote_ident(role)} connection limit {limit};"
+    return fix_sql(stmt.alter_role_connection_limit(role, limit))
 
 
 def alter_database_connection_limit(database: str, limit: int) -> str:
-    return f"alter database {quote_ident(database)} connection limit {limit};"
+    return fix_sql(stmt.alter_database_connection_limit(database, limit))
 
 
 def alter_role_set(role: str, setting: str, value: str) -> str:
     """A per-role default; it applies to the role's sessions that start after it."""
-    return f"alter role {quote_ident(role)} set {setting} = {quote_literal(value)};"
+    return fix_sql(stmt.alter_role_set(role, setting, value))
 
 
 def alter_system_set(settings: Sequence[tuple[str, str]], *, reload: bool = True) -> str:
-    lines = [f"alter system set {name} = {quote_literal(value)};" for name, value in settings]
-    if reload:
-        lines.append("select pg_reload_conf();")
-    return "\n".join(lines)
+    alters = [stmt.alter_system_set(name, value) for name, value in settings]
+    return fix_sql(*alters, *([stmt.RELOAD_CONF] if reload else []))
 
 
 # --- PgBouncer ------------------------------------------------------------------------------
+
+# The fragment diagnose shows is the file the operator's ConfigMap carries: one renderer.
+pgbouncer_ini = _ini.pgbouncer_ini
 
 LISTEN = "LISTEN"
 ADVISORY_LOCK = "advisory lock"
@@ -269,96 +300,6 @@ def session_feature(query: str) -> str | None:
     if head.startswith("declare ") and _HOLD.match(query.lstrip()):
         return HOLD_CURSOR
     return None
-
-
-def _pgbouncer_key(name: str) -> str:
-    if _PGBOUNCER_BARE.fullmatch(name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _pgbouncer_value(value: str) -> str:
-    if value and " " not in value and "'" not in value:
-        return value
-    return "'" + value.replace("'", "''") + "'"
-
-
-def pgbouncer_ini(
-    *,
-    pool_mode: str,
-    default_pool_size: int,
-    reserve_pool_size: int,
-    max_client_conn: int,
-    max_db_connections: int | None = None,
-    databases: Sequence[str] = ("mydb",),
-    session_pools: Mapping[str, int] | None = None,
-    host: str = "127.0.0.1",
-    port: int = 5432,
-    notes: Sequence[str] = (),
-) -> str:
-    """A pgbouncer.ini fragment in the domain reference's shape, sized and commented.
-
-    ``session_pools`` maps a database to the pool size of an extra ``<db>_session`` entry in
-    session mode, for the clients that need session features while the rest share
-    ``pool_mode`` (per-database ``pool_mode`` overrides the global one).
-    """
-    if pool_mode not in ("transaction", "session", "statement"):
-        raise ValueError(f"unknown PgBouncer pool_mode {pool_mode!r}")
-    lines = ["; PgBouncer config — /etc/pgbouncer/pgbouncer.ini (sized by pgrelief)"]
-    lines.extend(f"; {note}" for note in notes)
-    lines += ["[databases]", "; point host= at your PostgreSQL server"]
-    target = f"host={_pgbouncer_value(host)} port={port}"
-    for database in databases or ("mydb",):
-        lines.append(f"{_pgbouncer_key(database)} = {target} dbname={_pgbouncer_value(database)}")
-    for database, size in (session_pools or {}).items():
-        lines.append(
-            f"{_pgbouncer_key(database + '_session')} = {target} "
-            f"dbname={_pgbouncer_value(database)} pool_mode=session pool_size={max(size, 1)}"
-        )
-    lines += [
-        "",
-        "[pgbouncer]",
-        "listen_addr = 0.0.0.0",
-        "listen_port = 6432",
-        "auth_type = md5",
-        "auth_file = /etc/pgbouncer/userlist.txt",
-        "",
-        (
-            "; Transaction pooling — connections returned after each transaction"
-            if pool_mode == "transaction"
-            else f"; {pool_mode.capitalize()} pooling — see the notes above for why"
-        ),
-        f"pool_mode = {pool_mode}",
-        "",
-        "; Max connections PgBouncer opens to PostgreSQL (per database/user pair)",
-        f"default_pool_size = {default_pool_size}",
-        "",
-        "; Extra connections allowed during traffic spikes",
-        f"reserve_pool_size = {reserve_pool_size}",
-        "reserve_pool_timeout = 3",
-    ]
-    if max_db_connections is not None:
-        lines += [
-            "",
-            "; Hard cap per database across all users, so the pools never exceed usable slots",
-            f"max_db_connections = {max_db_connections}",
-        ]
-    lines += [
-        "",
-        "; Max client connections PgBouncer accepts",
-        f"max_client_conn = {max_client_conn}",
-        "",
-        "; Close server connections that have been idle this long",
-        "server_idle_timeout = 300",
-        "",
-        "; Force-close server connections after this lifetime",
-        "server_lifetime = 3600",
-        "",
-        "; Log connections/disconnections for leak debugging",
-        "log_connections = 1",
-        "log_disconnections = 1",
-    ]
-    return "\n".join(lines)
 
 
 # --- ORM pools ---------------------------------------------------------------------------------

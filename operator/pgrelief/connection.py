@@ -9,7 +9,12 @@ the reserved slots that let it back in when everything else is taken.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg
@@ -18,6 +23,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
+    stop_when_event_set,
     wait_exponential,
 )
 
@@ -93,18 +99,25 @@ class ManagedConnection:
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | Callable[[], str],
         *,
         statement_timeout: str = STATEMENT_TIMEOUT,
         lock_timeout: str = LOCK_TIMEOUT,
         reconnect_within_s: float = 10.0,
+        stopping: threading.Event | None = None,
     ) -> None:
         self._dsn = dsn
         self._statement_timeout = statement_timeout
         self._lock_timeout = lock_timeout
         self._reconnect_within_s = reconnect_within_s
+        # Set when the process is stopping: reconnect attempts end at once instead of retrying.
+        self._stopping = stopping or threading.Event()
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self.lifeline: Lifeline | None = None
+        self._guard = threading.Lock()
+        self._armed = False
+        self._timer: threading.Timer | None = None
+        self.expired = 0  # deadlines that had to cut the connection
 
     def get(self) -> psycopg.Connection[tuple[object, ...]]:
         """The open connection, reconnecting first when it was closed or broken."""
@@ -114,7 +127,8 @@ class ManagedConnection:
         retrying = Retrying(
             retry=retry_if_exception_type((ServerRefused, ConnectFailed)),
             wait=wait_exponential(multiplier=0.1, max=2.0),
-            stop=stop_after_delay(self._reconnect_within_s),
+            stop=stop_after_delay(self._reconnect_within_s) | stop_when_event_set(self._stopping),
+            sleep=self._pause,
             reraise=True,
         )
         for attempt in retrying:
@@ -123,8 +137,13 @@ class ManagedConnection:
         assert self._conn is not None
         return self._conn
 
+    def _pause(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
+
     def _open(self) -> psycopg.Connection[tuple[object, ...]]:
-        conn = connect(self._dsn, application_name=APPLICATION_NAME)
+        # A provider is asked again at every reconnect: a rotated password is picked up.
+        dsn = self._dsn() if callable(self._dsn) else self._dsn
+        conn = connect(dsn, application_name=APPLICATION_NAME)
         conn.autocommit = True
         conn.execute(
             sql.SQL(
@@ -147,6 +166,54 @@ class ManagedConnection:
                     "%s; fix: %s", self.lifeline.summary(), " ".join(self.lifeline.advice())
                 )
         return conn
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Bound everything done on the connection inside the block to ``seconds``.
+
+        statement_timeout is enforced by the server, so it does nothing when the server is
+        frozen (a stopped backend) or cut off by a partition while the kernel still
+        acknowledges: the client would wait forever, deaf to SIGTERM. When the deadline
+        passes, the socket is shut down under libpq, whose wait then fails at once; the
+        connection counts as lost and the next ``get`` reconnects.
+        """
+        with self._guard:
+            self._armed = True
+            self._arm(seconds)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._armed = False
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+
+    def expire_within(self, seconds: float) -> None:
+        """Shorten a running deadline (a stop was asked for): at most ``seconds`` more."""
+        with self._guard:
+            if self._armed:
+                self._arm(seconds)
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._guard:
+            if not self._armed or self._conn is None or self._conn.closed:
+                return
+            self.expired += 1
+            try:
+                # A duplicate descriptor: shutting it down cuts the shared socket for libpq
+                # without closing libpq's own descriptor under it.
+                with socket.socket(fileno=os.dup(self._conn.fileno())) as cut:
+                    cut.shutdown(socket.SHUT_RDWR)
+            except (OSError, psycopg.Error):
+                log.debug("could not shut down the connection's socket", exc_info=True)
 
     def _drop(self) -> None:
         if self._conn is not None:

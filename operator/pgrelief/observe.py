@@ -10,6 +10,7 @@ the incident itself and must be reported as such, not as a crash.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from datetime import datetime
@@ -18,10 +19,14 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
+from pgrelief.pgbouncer_auth import AuthFunctionCheck
+from pgrelief.policy import AuthQuerySpec
 from pgrelief.snapshot import (
     CLIENT_BACKEND,
     DEFAULT_MAX_CONNECTIONS,
@@ -115,6 +120,16 @@ _REFUSED = re.compile(
     re.IGNORECASE,
 )
 _SECRET_KEYS = frozenset({"password", "sslpassword"})
+# libpq defaults for every pgrelief connection (a DSN's own values win): a dead peer or a
+# partition is noticed in ~30 s instead of the kernel's two hours.
+TCP_KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+_TEXT_TYPES = ("text", "varchar", "bpchar", "name")
 _QUOTED = re.compile(r'"([^"]*)"')
 # libpq quotes option *names* after these; anything else it quotes may be a value.
 _NAMES_ONLY = ("invalid connection option ", "invalid URI query parameter: ")
@@ -132,6 +147,7 @@ def connect(
     The messages name the target without its password. ``application_name`` and
     ``connect_timeout`` are defaults: values in ``dsn`` win.
     """
+    _reject_mangled_uri(dsn)
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as bad:
@@ -139,8 +155,14 @@ def connect(
     target = describe_dsn(dsn)
     params.setdefault("application_name", application_name)
     params.setdefault("connect_timeout", connect_timeout)
+    for key, value in TCP_KEEPALIVES.items():
+        params.setdefault(key, value)
+    # Our own session always speaks UTF-8 (PGCLIENTENCODING may say otherwise); text from
+    # other databases that is not UTF-8 (SQL_ASCII, LATIN1 sessions' queries) is decoded with
+    # replacement instead of failing the whole snapshot.
+    params["client_encoding"] = "UTF8"
     try:
-        return psycopg.connect(make_conninfo("", **params), autocommit=autocommit)
+        conn = psycopg.connect(make_conninfo("", **params), autocommit=autocommit)
     except psycopg.OperationalError as failure:
         attempts = _server_lines(str(failure))
         refused = [line for line in attempts if _REFUSED.search(line)]
@@ -149,10 +171,31 @@ def connect(
         raise ConnectFailed(target, "; ".join(attempts) or "connection failed") from None
     except psycopg.Error as failure:
         raise ConnectFailed(target, _redact(failure)) from None
+    for type_name in _TEXT_TYPES:
+        conn.adapters.register_loader(type_name, LenientTextLoader)
+    for type_name in ("json", "jsonb"):
+        conn.adapters.register_loader(type_name, LenientJsonLoader)
+    return conn
+
+
+class LenientTextLoader(Loader):
+    """Text as UTF-8, with U+FFFD for bytes that are not (SQL_ASCII or LATIN1 sessions)."""
+
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode("utf-8", "replace")
+
+
+class LenientJsonLoader(Loader):
+    """JSON whose strings may hold such bytes: pg_stat_activity travels as json_agg."""
+
+    def load(self, data: Buffer) -> Any:
+        return json.loads(bytes(data).decode("utf-8", "replace"))
 
 
 def describe_dsn(dsn: str) -> str:
     """The connection string without secrets, for messages and logs."""
+    if _mangled_uri(dsn):
+        return "the given URI"
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
@@ -277,6 +320,26 @@ def _session(values: Sequence[Any], taken_at: datetime) -> Session:
     )
 
 
+def _mangled_uri(dsn: str) -> bool:
+    """A URI whose password holds a raw '@' or '/': libpq would read part of the password as
+    the host, port or database (and show it in every message, and look the host up)."""
+    scheme, found, rest = dsn.strip().partition("://")
+    if not found or scheme.lower() not in ("postgres", "postgresql"):
+        return False
+    before_query = rest.split("?", 1)[0]
+    authority, _, path = before_query.partition("/")
+    return authority.count("@") > 1 or "@" in path
+
+
+def _reject_mangled_uri(dsn: str) -> None:
+    if _mangled_uri(dsn):
+        raise ConnectFailed(
+            "the given URI",
+            "its user:password part holds a raw '@' or '/' (percent-encode them: @ is %40, "
+            "/ is %2F), or give the password in PGPASSWORD or ~/.pgpass",
+        )
+
+
 def _age(taken_at: datetime, then: datetime | None) -> float | None:
     # Clamped: the clock CTE may be read a moment before a backend's own timestamp.
     return None if then is None else max((taken_at - then).total_seconds(), 0.0)
@@ -334,3 +397,48 @@ def _redact(error: object) -> str:
         return '"…"'
 
     return _QUOTED.sub(hide, text)
+
+
+# Whether PgBouncer's auth_query can work in the connected database: the lookup role, and the
+# SECURITY DEFINER function a DBA installs (pgbouncer_auth.install_statements).
+_AUTH_CHECK_QUERY = """
+select pg_catalog.current_database()::text,
+       r.oid is not null,
+       coalesce(r.rolcanlogin, false),
+       p.oid is not null,
+       coalesce(p.prosecdef, false),
+       coalesce((select o.rolsuper from pg_catalog.pg_roles o where o.oid = p.proowner), false),
+       case when r.oid is not null and p.oid is not null
+            then pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE')
+                 and pg_catalog.has_function_privilege(r.oid, p.oid, 'EXECUTE')
+            else false end
+  from (select 1) as one
+  left join pg_catalog.pg_roles r on r.rolname = %(role)s
+  left join pg_catalog.pg_namespace n on n.nspname = %(schema)s
+  left join pg_catalog.pg_proc p
+         on p.pronamespace = n.oid and p.proname = %(function)s and p.pronargs = 1
+        and p.proargtypes[0] = 'pg_catalog.text'::pg_catalog.regtype
+"""
+
+
+def pgbouncer_auth_check(conn: psycopg.Connection[Any], query: AuthQuerySpec) -> AuthFunctionCheck:
+    """What the connected database says about ``query``'s lookup role and function.
+
+    Connect to each database ``pgbouncer_auth.auth_databases`` names; a check that is
+    not ``ready`` becomes the condition with the SQL to fix it (``auth_condition``).
+    """
+    row = conn.execute(
+        _AUTH_CHECK_QUERY,
+        {"role": query.user, "schema": query.schema_name, "function": query.function},
+    ).fetchone()
+    if row is None:  # a select without FROM filters returns one row; keep mypy and us honest
+        raise PgreliefError("the auth_query check returned no row")
+    return AuthFunctionCheck(
+        database=str(row[0]),
+        role_exists=bool(row[1]),
+        role_can_login=bool(row[2]),
+        function_exists=bool(row[3]),
+        security_definer=bool(row[4]),
+        owner_is_superuser=bool(row[5]),
+        executable=bool(row[6]),
+    )

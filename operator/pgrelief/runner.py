@@ -1,219 +1,157 @@
-"""``pgrelief run``: the whole pipeline in a loop, from a policy file, without Kubernetes.
+"""``pgrelief run``: the shared cycle in a loop, from a policy file, without Kubernetes.
 
-One cycle is observe -> diagnose -> plan -> act over the persistent lifeline connection. What
-must outlive a process lives in a small state file: the times of recent terminations (so
-``maxPerHour`` holds across ``--once`` invocations run by cron) and the values found before
-pgrelief first changed a limit or setting (so ``--revert`` can put them back).
+What belongs to the standalone process lives here: the lifeline connection it owns, the loop
+and its signals, the state file it remembers with, and the lines it prints. The cycle itself
+(observe -> diagnose -> plan -> act) is ``pgrelief.cycle``, which the operator drives too.
+
+Failure rules, because this runs unattended (cron, systemd, a sidecar):
+
+- the audit file and the state location are checked before the first cycle: if either cannot
+  be written, nothing is done and the message names the file;
+- SIGTERM/SIGINT end the loop *and* a ``--once`` run cleanly: a cycle that has not started
+  acting does not act, one that has finishes and writes its records and state; a cycle stuck
+  on a frozen server is cut after a short grace;
+- a server that is down or full at start does not end the loop: it retries with backoff;
+- an audit or state write that fails mid-run stops the run, saying what was done and where
+  the records are (records that could not be written are printed on stderr).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from pgrelief.act import execute
-from pgrelief.audit import AuditLog, AuditRecord
+from pgrelief.audit import AuditLog, AuditRecord, AuditWriteError
 from pgrelief.connection import ManagedConnection
-from pgrelief.diagnose import DiagnoseOptions, diagnose
-from pgrelief.diagnosis import Diagnosis
-from pgrelief.errors import PgreliefError
-from pgrelief.observe import take_snapshot
-from pgrelief.plan import Plan, PlanHistory, plan, plan_revert
+from pgrelief.cycle import Cycle, CycleReport
+from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
+from pgrelief.history import HistoryStore
 from pgrelief.policy import ConnectionPolicy
 from pgrelief.policy_file import load_policy
+from pgrelief.state_file import StateFileError, StateStore, default_state_path
 
 log = logging.getLogger(__name__)
 
-_HISTORY_WINDOW = timedelta(hours=1)
+CYCLE_DEADLINE_S = 30.0  # a cycle takes milliseconds; this only ever cuts a frozen server
+STOP_GRACE_S = 5.0  # after SIGTERM, how long a cycle in progress may still take
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
+EXIT_ACTIONS_FAILED = 1
+EXIT_ERROR = 3
 
 
-class StateFileError(PgreliefError):
-    """The state file exists but cannot be read back."""
-
-
-@dataclass
-class RunState:
-    """What one run leaves for the next: recent terminations and recorded originals."""
-
-    terminations: list[datetime] = field(default_factory=list)
-    originals: dict[str, Any] = field(default_factory=dict)
-
-    def history(self, now: datetime) -> PlanHistory:
-        recent = [t for t in self.terminations if now - t < _HISTORY_WINDOW]
-        return PlanHistory(terminations=tuple(recent), originals=dict(self.originals))
-
-    def absorb(self, records: list[AuditRecord], the_plan: Plan, now: datetime) -> None:
-        done = [r for r in records if r.outcome == "done"]
-        self.terminations = [t for t in self.terminations if now - t < _HISTORY_WINDOW]
-        self.terminations.extend(r.ts for r in done if r.action == "terminate")
-        if any(r.action != "terminate" for r in done):
-            for key, value in the_plan.originals.items():
-                self.originals.setdefault(key, value)
-
-
-class StateStore:
-    """JSON state file, written atomically so a killed process never leaves half a file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> RunState:
-        if not self.path.exists():
-            return RunState()
-        try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-            return RunState(
-                terminations=[datetime.fromisoformat(t) for t in raw.get("terminations", [])],
-                originals=dict(raw.get("originals", {})),
-            )
-        except (OSError, ValueError, TypeError, AttributeError) as error:
-            raise StateFileError(f"cannot read state file {self.path}: {error}") from None
-
-    def save(self, state: RunState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(self.path.suffix + ".tmp")
-        temporary.write_text(
-            json.dumps(
-                {
-                    "terminations": [t.isoformat() for t in state.terminations],
-                    "originals": state.originals,
-                },
-                indent=2,
-                ensure_ascii=False,
-            ),
-            encoding="utf-8",
-        )
-        os.replace(temporary, self.path)
-
-
-def default_state_path(policy: ConnectionPolicy) -> Path:
-    base = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
-    namespace = policy.metadata.namespace or "default"
-    return base / "pgrelief" / f"{namespace}.{policy.metadata.name}.json"
-
-
-@dataclass(frozen=True)
-class CycleReport:
-    before: Diagnosis
-    plan: Plan
-    records: list[AuditRecord]
+class RunStoppedError(PgreliefError):
+    """The run cannot go on safely (its records or state cannot be written)."""
 
 
 class Runner:
-    """Drives cycles of one policy against one server."""
+    """Drives cycles of one policy against one server over one lifeline connection."""
 
     def __init__(
         self,
         policy: ConnectionPolicy,
         connection: ManagedConnection,
-        store: StateStore,
+        store: HistoryStore,
         audit: AuditLog,
         *,
         dry_run: bool = False,
+        on_records: Callable[[Sequence[AuditRecord]], None] | None = None,
+        stopping: threading.Event | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.policy = policy
         self.connection = connection
-        self.store = store
-        self.audit = audit
-        self.dry_run = dry_run or policy.spec.remediation.mode == "DryRun"
         self.clock = clock
-        self.state = store.load()
-        self._reported_skips: set[tuple[int, datetime | None, str]] = set()
+        self.stopping = stopping or threading.Event()
+        self._audit = audit
+        self._on_records = on_records
+        self._cycle = Cycle(policy, store, self._record, dry_run=dry_run, clock=clock)
 
     @property
-    def _policy_name(self) -> str:
-        meta = self.policy.metadata
-        return f"{meta.namespace or 'default'}/{meta.name}"
-
-    def _options(self) -> DiagnoseOptions:
-        pressure = self.policy.spec.pressure
-        return DiagnoseOptions(
-            warning_percent=pressure.warning_percent, critical_percent=pressure.critical_percent
-        )
+    def dry_run(self) -> bool:
+        return self._cycle.dry_run
 
     def cycle(self) -> CycleReport:
         conn = self.connection.get()
-        snapshot = take_snapshot(conn)
-        diagnosis = diagnose(snapshot, self._options())
-        now = self.clock()
-        the_plan = plan(
-            self.policy.spec, snapshot, diagnosis.pressure, self.state.history(now), now
-        )
-        records = self._carry_out(conn, the_plan, now)
-        return CycleReport(before=diagnosis, plan=the_plan, records=records)
+        with self.connection.deadline(CYCLE_DEADLINE_S):
+            return self._run_guarded(lambda: self._cycle.run(conn, self.stopping))
 
     def revert(self) -> CycleReport:
         conn = self.connection.get()
-        snapshot = take_snapshot(conn)
-        diagnosis = diagnose(snapshot, self._options())
-        the_plan = plan_revert(self.policy.spec, snapshot, self.state.originals)
-        records = execute(conn, the_plan.actions, dry_run=self.dry_run, policy=self._policy_name)
-        self.audit.write(records)
-        if not self.dry_run and all(r.outcome != "failed" for r in records):
-            self.state.originals.clear()
-            self.store.save(self.state)
-        return CycleReport(before=diagnosis, plan=the_plan, records=records)
+        with self.connection.deadline(CYCLE_DEADLINE_S):
+            return self._run_guarded(lambda: self._cycle.revert(conn))
 
-    def _carry_out(self, conn: Any, the_plan: Plan, now: datetime) -> list[AuditRecord]:
-        records = execute(conn, the_plan.actions, dry_run=self.dry_run, policy=self._policy_name)
-        records.extend(self._skip_records(the_plan, now))
-        self.audit.write(records)
-        if not self.dry_run:
-            self.state.absorb(records, the_plan, now)
-            self.store.save(self.state)
-        return records
+    def stop(self) -> None:
+        """Ask the run to end: no new cycle, no new action; a stuck cycle is cut shortly.
 
-    def _skip_records(self, the_plan: Plan, now: datetime) -> list[AuditRecord]:
-        # A protected session matches its rule every cycle; at a 250 ms interval re-recording it
-        # would bury the real actions, so each (session, why) is reported once per runner.
-        current = {(s.pid, s.candidate.backend_start, s.why) for s in the_plan.skipped}
-        fresh = [
-            s
-            for s in the_plan.skipped
-            if (s.pid, s.candidate.backend_start, s.why) not in self._reported_skips
-        ]
-        self._reported_skips = current
-        return [
-            AuditRecord(
-                ts=now,
-                action="terminate",
-                target=skipped.target,
-                reason=skipped.reason,
-                evidence=skipped.evidence,
-                dry_run=self.dry_run,
-                outcome="skipped",
-                detail=skipped.why,
-                policy=self._policy_name,
-            )
-            for skipped in fresh
-        ]
+        Safe in a signal handler: it takes no lock itself (the handler may have interrupted
+        the main thread while it held the connection's), a helper thread does.
+        """
+        self.stopping.set()
+        threading.Thread(
+            target=self.connection.expire_within, args=(STOP_GRACE_S,), daemon=True
+        ).start()
 
-    def loop(self, stop: threading.Event, *, on_cycle: Callable[[CycleReport], None]) -> None:
+    def loop(self, *, on_cycle: Callable[[CycleReport], None]) -> None:
+        """Cycles every ``spec.interval`` until ``stop``; outages are waited out, not fatal."""
         interval = self.policy.spec.interval_seconds
-        while not stop.is_set():
+        retry = RETRY_FIRST_S
+        while not self.stopping.is_set():
             started = self.clock()
             try:
                 on_cycle(self.cycle())
+                retry = RETRY_FIRST_S
+            except (ConnectFailed, ServerRefused) as error:
+                log.error("%s; retrying in %.0fs", error, retry)
+                self.stopping.wait(retry)
+                retry = min(retry * 2, RETRY_MAX_S)
+                continue
+            except RunStoppedError:
+                raise
             except PgreliefError as error:
                 log.error("cycle failed: %s", error)
             except psycopg.OperationalError as error:
                 # The lifeline dropped mid-cycle: the next cycle reconnects with backoff.
                 log.error("lost the connection during a cycle: %s", str(error).splitlines()[0])
             elapsed = (self.clock() - started).total_seconds()
-            stop.wait(max(interval - elapsed, 0.0))
+            self.stopping.wait(max(interval - elapsed, 0.0))
+
+    def _record(self, records: Sequence[AuditRecord]) -> None:
+        self._audit.write(records)
+        if self._on_records is not None:
+            self._on_records(records)
+
+    def _run_guarded(self, run: Callable[[], CycleReport]) -> CycleReport:
+        try:
+            return run()
+        except AuditWriteError as error:
+            _print_unwritten(error.unwritten)
+            done = sum(1 for r in error.unwritten if r.outcome == "done")
+            raise RunStoppedError(
+                f"stopped: {error}; {done} action(s) done whose records could not be written "
+                "were printed on stderr; earlier records are in the file"
+            ) from None
+        except StateFileError as error:
+            where = self._audit.path or "the output above"
+            raise RunStoppedError(
+                f"stopped: {error}; this cycle's actions are recorded in {where}"
+            ) from None
+
+
+def _print_unwritten(records: Sequence[AuditRecord]) -> None:
+    for record in records:
+        sys.stderr.write("unwritten audit record: " + record.to_line())
+    sys.stderr.flush()
 
 
 def policy_dsn(policy: ConnectionPolicy) -> str:
@@ -241,25 +179,25 @@ def policy_dsn(policy: ConnectionPolicy) -> str:
     return make_conninfo("", **params)
 
 
-def describe_cycle(report: CycleReport, *, dry_run: bool) -> str:
-    """One human line per cycle, then one per action: what a terminal user watches."""
+def describe_summary(report: CycleReport, *, dry_run: bool) -> str:
+    """One human line per cycle, after its actions' lines: what a terminal user watches."""
     diagnosis = report.before
     totals = diagnosis.totals
     slots = diagnosis.server.usable_slots if diagnosis.server else 0
-    done = sum(1 for r in report.records if r.outcome == "done")
-    skipped = sum(1 for r in report.records if r.outcome == "skipped")
-    failed = sum(1 for r in report.records if r.outcome == "failed")
-    lines = [
+    line = (
         f"pressure {diagnosis.pressure.label}: {totals.client_backends}/{slots} slots "
-        f"({totals.utilization_percent:.0f}%); actions done {done}, skipped {skipped}, "
-        f"failed {failed}" + (" [dry run]" if dry_run else "")
-    ]
-    for record in report.records:
-        detail = f" ({record.detail})" if record.detail else ""
-        lines.append(
-            f"  {record.outcome:<7} {record.action:<14} {record.target}: {record.reason}{detail}"
-        )
-    return "\n".join(lines)
+        f"({totals.utilization_percent:.0f}%); actions done {report.count('done')}, "
+        f"skipped {report.count('skipped')}, failed {report.count('failed')}"
+        + (" [dry run]" if dry_run else "")
+    )
+    if report.stopped_before_acting:
+        line += f"; stopped before acting ({len(report.plan.actions)} action(s) not attempted)"
+    return line
+
+
+def describe_record(record: AuditRecord) -> str:
+    detail = f" ({record.detail})" if record.detail else ""
+    return f"  {record.outcome:<7} {record.action:<14} {record.target}: {record.reason}{detail}"
 
 
 def run_standalone(
@@ -271,31 +209,61 @@ def run_standalone(
     audit_file: Path | None,
     state_file: Path | None,
     revert: bool,
-) -> None:
-    """The body of ``pgrelief run``: load, connect, then one cycle or a loop until SIGTERM."""
+) -> int:
+    """The body of ``pgrelief run``: check, connect, then one cycle or a loop until SIGTERM.
+
+    Returns the exit status: 0, or 1 when a ``--once``/``--revert`` cycle had failed actions.
+    """
     policy = load_policy(policy_file)
     store = StateStore(state_file or default_state_path(policy))
     audit = AuditLog(path=audit_file)
-    with ManagedConnection(dsn or policy_dsn(policy)) as connection:
-        runner = Runner(policy, connection, store, audit, dry_run=dry_run)
-        if connection.get() and connection.lifeline and connection.lifeline.advice():
-            print(
-                f"warning: {connection.lifeline.summary()}; fix: "
-                + " ".join(connection.lifeline.advice()),
-                file=sys.stderr,
-            )
-        if revert:
-            print(describe_cycle(runner.revert(), dry_run=runner.dry_run), flush=True)
-            return
-        if once:
-            print(describe_cycle(runner.cycle(), dry_run=runner.dry_run), flush=True)
-            return
-        stop = threading.Event()
+    audit.check()
+    forced_dry_run = dry_run or policy.spec.remediation.mode == "DryRun"
+    if not forced_dry_run:
+        store.check()
+    if policy.spec.pgbouncer.enabled:
+        print(
+            "note: spec.pgbouncer is reconciled by the operator only; pgrelief run ignores it",
+            file=sys.stderr,
+        )
+    stopping = threading.Event()
+    target = dsn if dsn is not None else policy_dsn(policy)
+    with ManagedConnection(target, stopping=stopping) as connection:
+        runner = Runner(
+            policy,
+            connection,
+            store,
+            audit,
+            dry_run=dry_run,
+            on_records=_print_records,
+            stopping=stopping,
+        )
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+            signal.signal(signum, lambda *_: runner.stop())
+        if once or revert:
+            connection.get()
+            _warn_about_lifeline(connection)
+            report = runner.revert() if revert else runner.cycle()
+            print(describe_summary(report, dry_run=runner.dry_run), flush=True)
+            return EXIT_ACTIONS_FAILED if report.count("failed") else 0
         runner.loop(
-            stop,
             on_cycle=lambda report: print(
-                describe_cycle(report, dry_run=runner.dry_run), flush=True
+                describe_summary(report, dry_run=runner.dry_run), flush=True
             ),
         )
+        return 0
+
+
+def _warn_about_lifeline(connection: ManagedConnection) -> None:
+    if connection.lifeline and connection.lifeline.advice():
+        print(
+            f"warning: {connection.lifeline.summary()}; fix: "
+            + " ".join(connection.lifeline.advice()),
+            file=sys.stderr,
+        )
+
+
+def _print_records(records: Sequence[AuditRecord]) -> None:
+    lines = [describe_record(r) for r in records if r.outcome != "intent"]
+    if lines:
+        print("\n".join(lines), flush=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief._dev.embedded import EmbeddedPostgres
 
 LEAKY_ROLE = "app_backend"
 PROTECTED_ROLE = "reporting"
