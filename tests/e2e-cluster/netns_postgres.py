@@ -3,8 +3,8 @@
 Like a managed database next to a cluster, it is not a pod: pods reach it on the node address
 (and PostgreSQL sees each pod's own address as client_addr, which pgrelief's diagnosis keys
 on), while the tests on the host reach it through its Unix socket, a file. It is the project's
-embedded server (``pgrelief.embedded``: PostgreSQL 18, or ``$PGRELIEF_PG_BINDIR``), listening
-on 127.0.0.1 and the node address of the namespace, trusting the pod network.
+embedded server (``pgrelief._dev.embedded``: PostgreSQL 18, or ``$PGRELIEF_PG_BINDIR``),
+listening on 127.0.0.1 and the node address of the namespace, trusting the pod network.
 
     nsenter --net=/proc/<init pid>/ns/net python3 netns_postgres.py NODE_IP POD_SUBNET
 prints one JSON line (port, socket directory, ...) and runs until its stdin closes.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pgrelief.embedded import EmbeddedPostgres
+from pgrelief._dev.embedded import EmbeddedPostgres
 
 MAX_CONNECTIONS = 50
 
