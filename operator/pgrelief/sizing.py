@@ -107,6 +107,63 @@ def pool_per_instance(share: int, instances: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionShare:
+    """What one role (or database) may hold, and one of its applications: the one sizing of
+    diagnose's advice.
+
+    Every finding that names a CONNECTION LIMIT or an application's pool size reads it from
+    here, so a report never tells one role two different numbers.
+    """
+
+    room: int  # usable slots minus headroom
+    fair: int  # room split evenly between the consumers (roles or databases)
+    demand: int  # the role's active sessions × 1.2, rounded up
+    limit: int  # the role's connections: max(fair, demand) within room and its own limit
+    capped_by: int | None  # the role's existing CONNECTION LIMIT, when it is the lower one
+    application: int  # of which this application's instances together (by their sessions)
+    per_instance: int  # one instance's pool
+
+
+def connection_share(
+    usable_slots: int,
+    consumers: int,
+    *,
+    active: int = 0,
+    current_limit: int | None = None,
+    role_sessions: int = 0,
+    application_sessions: int = 0,
+    instances: int = 1,
+) -> ConnectionShare:
+    """A role's (or database's) connection budget and one application's pool within it.
+
+    The budget is an even share, between the ``consumers`` (roles, or databases), of the slots
+    left after headroom, or what its active sessions need (× 1.2) if more; never more than
+    that room nor than a CONNECTION LIMIT it already has. An application sharing the role gets
+    the part of the budget its sessions hold now, split between its instances (addresses).
+    """
+    room = max(usable_slots - headroom_slots(usable_slots), 1)
+    fair = max(1, room // max(consumers, 1))
+    demand = math.ceil(active * 1.2)
+    limit = min(max(fair, demand), room)
+    capped_by = None
+    if current_limit is not None and 0 <= current_limit < limit:
+        limit = max(current_limit, 1)
+        capped_by = current_limit
+    application = limit
+    if 0 < application_sessions < role_sessions:
+        application = max(1, limit * application_sessions // role_sessions)
+    return ConnectionShare(
+        room=room,
+        fair=fair,
+        demand=demand,
+        limit=limit,
+        capped_by=capped_by,
+        application=application,
+        per_instance=pool_per_instance(application, instances),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryModel:
     """The per-server memory settings the worst-case formula needs, in bytes."""
 

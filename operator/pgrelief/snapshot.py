@@ -67,6 +67,9 @@ class Session:
     query_age_s: float | None = None
     state_age_s: float | None = None
     is_superuser: bool | None = None  # None: unknown (a dump has no pg_roles)
+    # pg_blocking_pids() of a session waiting on a lock; None when not observed (a dump, or
+    # a session not waiting on a lock: it is asked only of those).
+    blocked_by: tuple[int, ...] | None = None
 
     @property
     def is_client(self) -> bool:
@@ -87,7 +90,12 @@ class Session:
     @property
     def is_listener(self) -> bool:
         """A session whose last statement was LISTEN: it holds a channel subscription."""
-        return self.query.lstrip().upper().startswith("LISTEN ")
+        return is_listen(self.query)
+
+
+def is_listen(query: str) -> bool:
+    """Whether a last statement is LISTEN (the session holds a notification channel)."""
+    return query.lstrip().upper().startswith("LISTEN ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,19 @@ class Setting:
     setting: str
     unit: str | None = None
     context: str | None = None
+    source: str | None = None  # pg_settings.source: 'default', 'configuration file', ...
+    sourcefile: str | None = None  # visible to superusers and pg_read_all_settings only
+
+    @property
+    def set_by_alter_system(self) -> bool | None:
+        """Whether the value comes from ALTER SYSTEM (postgresql.auto.conf); None: unknown."""
+        if self.source is None:
+            return None
+        if self.source != "configuration file":
+            return False
+        if self.sourcefile is None:
+            return None
+        return self.sourcefile.endswith("postgresql.auto.conf")
 
     def as_int(self) -> int:
         return int(float(self.setting))

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from pgrelief.diagnose.options import DiagnoseOptions
 from pgrelief.diagnosis import Breakdown, Group, Severity
+from pgrelief.protection import SUPERUSER_UNKNOWN, Spared, protections
 from pgrelief.snapshot import (
     ACTIVE,
     CLIENT_BACKEND,
@@ -44,6 +45,7 @@ _COLUMN_GETTERS = (
     attrgetter("datname"),
 )
 STATE_OF = attrgetter("state")
+_WAIT_TYPE = attrgetter("wait_event_type")
 _STATE_AGE = attrgetter("state_age_s")
 _QUERY_AGE = attrgetter("query_age_s")
 _SAMPLE = 2000  # sessions sampled to decide whether combinations are few
@@ -66,10 +68,17 @@ class Context:
     columns: tuple[list[str | None], ...]  # USER, APP, ADDR, DB values, parallel to clients
     states: list[str | None]  # parallel to clients
     combos: Counter[_Key] | None  # clients per (user, app, address, database, state), if few
-    idle_in_tx: list[Session]
+    idle_in_tx: list[Session]  # past the threshold and not protected (as `run` protects)
     leaked: list[Session]
     long_running: list[Session]
     active: list[Session]
+    lock_waiters: list[Session]  # active, waiting on a heavyweight lock
+    # Sessions past a threshold that `run` would never terminate, and why (superusers,
+    # LISTEN sessions): named in the findings, never in their statements.
+    spared: list[tuple[Session, Spared]]
+    # Some candidates' superuser status is unknown (offline input): the statements then ask
+    # the server to skip superusers when they run.
+    unknown_superusers: bool
     # Answers several builders ask (projections, session features): computed once.
     cache: dict[object, Any] = field(default_factory=dict)
 
@@ -204,14 +213,41 @@ def count(snapshot: Snapshot, options: DiagnoseOptions) -> Context:
             if (age := getter(s)) is not None and age >= at_least and s is not own
         ]
 
-    leaked = aged(in_state(IDLE), _STATE_AGE, options.idle_after_s)
-    idle_in_tx = aged(
-        in_state(STATE_IDLE_IN_TRANSACTION, STATE_ABORTED),
-        _STATE_AGE,
-        options.idle_in_transaction_after_s,
+    spared: list[tuple[Session, Spared]] = []
+    unknown: list[bool] = []
+
+    def unprotected(sessions: list[Session]) -> list[Session]:
+        """The sessions `run` could terminate by default (pgrelief.protection decides).
+
+        An unknown superuser status (a dump has no pg_roles) is no reason to leave a session
+        out: the statement re-checks it on the server instead.
+        """
+        verdicts = protections(sessions, snapshot)
+        distinct = set(verdicts)
+        if distinct == {None}:
+            return sessions
+        keep = {v: v is None or v.rule == SUPERUSER_UNKNOWN for v in distinct}
+        mask = list(map(keep.__getitem__, verdicts))
+        if any(v is not None and v.rule == SUPERUSER_UNKNOWN for v in distinct):
+            unknown.append(True)
+        spared.extend(
+            (session, why)
+            for session, why, kept in zip(sessions, verdicts, mask, strict=True)
+            if not kept and why is not None
+        )
+        return list(compress(sessions, mask))
+
+    leaked = unprotected(aged(in_state(IDLE), _STATE_AGE, options.idle_after_s))
+    idle_in_tx = unprotected(
+        aged(
+            in_state(STATE_IDLE_IN_TRANSACTION, STATE_ABORTED),
+            _STATE_AGE,
+            options.idle_in_transaction_after_s,
+        )
     )
     active = [s for s in in_state(ACTIVE, FASTPATH) if s is not own]
-    long_running = aged(active, _QUERY_AGE, options.long_running_after_s)
+    long_running = unprotected(aged(active, _QUERY_AGE, options.long_running_after_s))
+    lock_waiters = list(compress(active, map(partial(eq, "Lock"), map(_WAIT_TYPE, active))))
 
     by_state, breakdown = _fold(columns, states, combos, ages)
     # No slot at all for ordinary roles is as full as it gets.
@@ -235,6 +271,9 @@ def count(snapshot: Snapshot, options: DiagnoseOptions) -> Context:
         leaked=leaked,
         long_running=long_running,
         active=active,
+        lock_waiters=lock_waiters,
+        spared=spared,
+        unknown_superusers=bool(unknown),
     )
 
 
