@@ -263,20 +263,22 @@ def pattern_signal_sql(
     by_age: dict[int, list[str]] = {}
     for state, age in ages.items():
         by_age.setdefault(int(age), []).append(state)
-    clauses = [
-        f"{_state_clause(grouped)} and {age_column} < now() - interval '{age} seconds'"
-        for age, grouped in by_age.items()
-    ]
     lines = [
         f"select pid, {function}(pid) as {label}",
         "from pg_stat_activity",
         "where backend_type = 'client backend'",
         "  and pid <> pg_backend_pid()",
     ]
-    if len(clauses) == 1:
-        lines.append(f"  and {clauses[0]}")
+    if len(by_age) == 1:
+        [(age, grouped)] = by_age.items()
+        lines.append(f"  and {_state_clause(grouped)}")
+        lines.append(f"  and {age_column} < now() - interval '{age} seconds'")
     else:
-        lines.append("  and (" + "\n       or ".join(f"({clause})" for clause in clauses) + ")")
+        clauses = [
+            f"({_state_clause(grouped)} and {age_column} < now() - interval '{age} seconds')"
+            for age, grouped in by_age.items()
+        ]
+        lines.append("  and (" + "\n       or ".join(clauses) + ")")
     for column, value in (filters or {}).items():
         if value is None:
             lines.append(f"  and {column} is null")

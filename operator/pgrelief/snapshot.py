@@ -9,7 +9,7 @@ server give the same diagnosis.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 CLIENT_BACKEND = "client backend"
@@ -179,6 +179,23 @@ class ServerFacts:
             return found.as_int() if found else None
         except ValueError:
             return None
+
+
+def given_max_connections(snapshot: Snapshot, max_connections: int) -> Snapshot:
+    """``snapshot`` with the max_connections a user stated (offline input without settings):
+    no longer assumed, and the settings agree with it."""
+    facts = snapshot.server
+    settings = dict(facts.settings)
+    settings["max_connections"] = Setting(
+        "max_connections", str(max_connections), None, "postmaster"
+    )
+    server = replace(
+        facts,
+        max_connections=max_connections,
+        settings=settings,
+        assumed=tuple(name for name in facts.assumed if name != "max_connections"),
+    )
+    return replace(snapshot, server=server)
 
 
 @dataclass(frozen=True, slots=True)

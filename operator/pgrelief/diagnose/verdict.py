@@ -1,0 +1,271 @@
+"""The verdict: what holds the slots (who, since when), the one statement that frees them, and
+the durable fixes, computed from the findings so the answer comes before the evidence.
+
+A tired on-call engineer reads the first screen only. The findings stay complete (and the
+JSON carries them); this module picks from them: the sessions every finding would have
+terminated, as one statement, oldest lock holders first; the durable SQL, PgBouncer and ORM
+fixes once each, in the findings' order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import attrgetter
+
+from pgrelief import advice
+from pgrelief.diagnose._counting import Context
+from pgrelief.diagnose._shared import (
+    addr_of,
+    bucketed,
+    name_of,
+    oldest_first,
+    since,
+)
+from pgrelief.diagnose.hints import threshold_hints
+from pgrelief.diagnose.locks import blocking
+from pgrelief.diagnose.saturation import limits_hit
+from pgrelief.diagnosis import (
+    DURABLE_SQL,
+    EMERGENCY_SQL,
+    ORM,
+    PGBOUNCER,
+    Finding,
+    Fix,
+    Severity,
+    Verdict,
+)
+from pgrelief.durations import human_age
+from pgrelief.protection import SUPERUSER_UNKNOWN, protection
+from pgrelief.snapshot import (
+    ACTIVE,
+    FASTPATH,
+    IDLE,
+    IDLE_IN_TRANSACTION,
+    IDLE_IN_TRANSACTION_ABORTED,
+    Session,
+)
+
+# The slot settings whose assumption changes every percentage in the report.
+SLOT_SETTINGS = ("max_connections", "superuser_reserved_connections", "reserved_connections")
+HOLDER_LINES = 4  # groups named in the summary before "... and N more"
+_DURABLE_ORDER = (DURABLE_SQL, PGBOUNCER, ORM)
+_USER_APP = attrgetter("usename", "application_name")
+_APP_ADDR = attrgetter("application_name", "client_addr")
+
+
+def verdict(context: Context, findings: Sequence[Finding], status: Severity) -> Verdict:
+    facts = context.snapshot.server
+    assumed = tuple(name for name in SLOT_SETTINGS if name in facts.assumed)
+    summary = [_slots_line(context, assumed)]
+    notes: list[str] = []
+    if assumed:
+        values = ", ".join(f"{name}={_fact(context, name)}" for name in assumed)
+        notes.append(
+            f"ASSUMED, not observed: {values} (PostgreSQL's defaults; the input has no "
+            f"settings). The {context.utilization:.0f}% and the {status.label.upper()} status "
+            "rest on them: pass --max-connections N (what SHOW max_connections says) or "
+            "--settings-file."
+        )
+    holders = _holders(context)
+    emergency: Fix | None = None
+    if holders:
+        summary.extend(_holder_lines(context, holders))
+        emergency = _emergency(context, holders)
+    else:
+        summary.append(_composition(context))
+    summary.append(_largest(context))
+    notes.extend(threshold_hints(context))
+    spared = len(context.spared)
+    if spared and emergency is not None:
+        notes.append(
+            f"{spared} session(s) past a threshold are left out, as pgrelief run leaves them "
+            "by default (superusers, LISTEN sessions): the findings name them."
+        )
+    return Verdict(
+        summary=tuple(summary),
+        emergency=emergency,
+        durable=_durable(findings),
+        notes=tuple(notes),
+        assumed=assumed,
+    )
+
+
+def _fact(context: Context, name: str) -> int:
+    facts = context.snapshot.server
+    value: int = getattr(facts, name)
+    return value
+
+
+def _slots_line(context: Context, assumed: tuple[str, ...]) -> str:
+    line = (
+        f"{context.client_count} of {context.usable} usable connection slots in use "
+        f"({context.utilization:.0f}%)"
+    )
+    if context.client_count >= context.usable:
+        line += ": new connections from ordinary roles are refused ('too many clients')"
+    elif context.pressure == Severity.HEALTHY:
+        line += ": no pressure"
+    if assumed:
+        line += " — on ASSUMED settings, see below"
+    return line
+
+
+def _holders(context: Context) -> list[Session]:
+    """The sessions to free now: idle lock holders, then idle in transaction, then leaked idle.
+
+    Under server pressure, all of them; when only roles or databases are at their own
+    CONNECTION LIMIT, theirs; otherwise none (nothing is urgent).
+    """
+    roles, databases = limits_hit(context)
+    if context.pressure == Severity.HEALTHY and not (roles or databases):
+        return []
+    found = blocking(context)
+    lock_holders = [
+        holder
+        for holder in found.holder.values()
+        if holder is not None
+        and holder.state not in (ACTIVE, FASTPATH)
+        and _may_terminate(context, holder)
+    ]
+    chosen: dict[int, Session] = {}
+    for session in (
+        *oldest_first(lock_holders, "state_age_s"),
+        *oldest_first(context.idle_in_tx, "state_age_s"),
+        *oldest_first(context.leaked, "state_age_s"),
+    ):
+        chosen.setdefault(session.pid, session)
+    sessions = list(chosen.values())
+    if context.pressure == Severity.HEALTHY:
+        sessions = [s for s in sessions if s.usename in roles or s.datname in databases]
+    return sessions
+
+
+def _may_terminate(context: Context, session: Session) -> bool:
+    why = protection(session, context.snapshot)
+    return why is None or why.rule == SUPERUSER_UNKNOWN
+
+
+def _holder_lines(context: Context, holders: list[Session]) -> list[str]:
+    found = blocking(context)
+    lines = []
+    for pid, waiters in sorted(found.waiters_of.items(), key=lambda i: -len(i[1])):
+        holder = found.holder[pid]
+        if holder is None:
+            continue
+        lines.append(
+            f"pid {pid} (user {name_of(holder.usename)}, application "
+            f"{name_of(holder.application_name)}) holds locks {len(waiters)} session(s) wait "
+            f"for: {holder.state or 'unknown state'} {since(context, holder.state_age_s)}"
+        )
+    lock_pids = set(found.holder)
+    rest = [s for s in holders if s.pid not in lock_pids]
+    in_transaction = [s for s in rest if s.state != IDLE]
+    idle = [s for s in rest if s.state == IDLE]
+    groups: list[tuple[int, str]] = []
+    for bucket in bucketed(in_transaction, _USER_APP, detail=HOLDER_LINES):
+        role, application = bucket.key
+        groups.append(
+            (
+                bucket.count,
+                f"{bucket.count} idle in transaction from application {name_of(application)} "
+                f"(user {name_of(role)}), the oldest {since(context, bucket.oldest.state_age_s)}",
+            )
+        )
+    for bucket in bucketed(idle, _APP_ADDR, detail=HOLDER_LINES):
+        application, address = bucket.key
+        users = ", ".join(name_of(r) for r in bucket.roles) or "(unknown)"
+        groups.append(
+            (
+                bucket.count,
+                f"{bucket.count} idle from application {name_of(application)} on "
+                f"{addr_of(address)} (user {users}), the oldest "
+                f"{since(context, bucket.oldest.state_age_s)}",
+            )
+        )
+    groups.sort(key=lambda g: -g[0])
+    lines.extend(text for _, text in groups[:HOLDER_LINES])
+    if len(groups) > HOLDER_LINES:
+        others = sum(n for n, _ in groups[HOLDER_LINES:])
+        lines.append(f"... and {others} more in {len(groups) - HOLDER_LINES} other group(s)")
+    return lines
+
+
+def _composition(context: Context) -> str:
+    """What the slots hold when nothing is to be freed: the states, and the thresholds."""
+    options = context.options
+    states = context.by_state
+    active = states.get(ACTIVE, 0) + states.get(FASTPATH, 0)
+    in_transaction = states.get(IDLE_IN_TRANSACTION, 0) + states.get(IDLE_IN_TRANSACTION_ABORTED, 0)
+    return (
+        f"{active} active, {states.get(IDLE, 0)} idle, {in_transaction} idle in transaction; "
+        f"none idle for ≥ {human_age(options.idle_after_s)} or idle in a transaction for ≥ "
+        f"{human_age(options.idle_in_transaction_after_s)}, or none that pgrelief would end"
+    )
+
+
+def _largest(context: Context) -> str:
+    breakdown = context.breakdown
+    parts = [
+        f"{label} {name_of(groups[0].key) if quote else groups[0].key} {groups[0].count}"
+        for label, groups, quote in (
+            ("user", breakdown.by_user, True),
+            ("application", breakdown.by_application, True),
+            ("client", breakdown.by_client_addr, False),
+            ("database", breakdown.by_database, True),
+        )
+        if groups
+    ]
+    return "largest holders: " + ", ".join(parts) if parts else "no client sessions"
+
+
+def _emergency(context: Context, holders: list[Session]) -> Fix:
+    """One terminate statement for every session to free: each row re-checks its identity."""
+    options = context.options
+    listed = holders[: advice.MAX_LISTED]
+    text = (
+        f"-- terminate {len(listed)} session(s), oldest first; each row re-checks pid, "
+        "backend_start, state and state_change,\n-- so a reused pid or a session that moved "
+        "on is left alone\n"
+        + advice.signal_sql(listed, spare_superusers=context.unknown_superusers)
+    )
+    if len(holders) > len(listed):
+        ages = {
+            IDLE_IN_TRANSACTION: options.idle_in_transaction_after_s,
+            IDLE_IN_TRANSACTION_ABORTED: options.idle_in_transaction_after_s,
+            IDLE: options.idle_after_s,
+        }
+        text += (
+            f"\n-- {len(holders) - len(listed)} more match the same pattern; this re-checks state "
+            "and age when it runs:\n" + advice.pattern_signal_sql(ages, "state_change")
+        )
+    return Fix(EMERGENCY_SQL, text, f"free {len(holders)} slot(s) now")
+
+
+def _durable(findings: Sequence[Finding]) -> tuple[Fix, ...]:
+    """The findings' durable fixes once each; the ORM settings of every application as one
+    fix (each finding names its own applications, with the same numbers: ``share_for``)."""
+    seen: set[str] = set()
+    chosen: list[Fix] = []
+    pools: dict[str, list[str]] = {}
+    for kind in _DURABLE_ORDER:
+        for finding in findings:
+            for fix in finding.fixes:
+                if fix.kind != kind:
+                    continue
+                if kind == ORM:
+                    for block in fix.text.split("\n\n"):
+                        pools.setdefault(block, [])
+                elif fix.text not in seen:
+                    seen.add(fix.text)
+                    chosen.append(fix)
+    if pools:
+        blocks = [b for b in pools if not b.startswith("# ... and ")]
+        chosen.append(
+            Fix(
+                ORM,
+                "\n\n".join(blocks),
+                f"application pool settings for {len(blocks)} application(s), each within its "
+                "role's share of the slots",
+            )
+        )
+    return tuple(chosen)
