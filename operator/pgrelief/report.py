@@ -154,11 +154,13 @@ def _print_verdict(console: Console, diagnosis: Diagnosis, verdict: Verdict, ver
 
 def _emergency_heading(diagnosis: Diagnosis, fix: Fix) -> str:
     server = diagnosis.server
-    reserved = server.superuser_reserved_connections if server is not None else 3
-    return (
-        f"{(fix.title or 'free slots now').capitalize()}: paste into psql as a superuser "
-        f"({reserved} slots are reserved for superusers)"
+    reserved = (
+        f"{server.superuser_reserved_connections} slots are reserved for superusers"
+        if server is not None
+        else "superusers have reserved slots"
     )
+    title = fix.title or "free slots now"
+    return f"{title[0].upper()}{title[1:]}: paste into psql as a superuser ({reserved})"
 
 
 def _print_finding_lines(console: Console, diagnosis: Diagnosis) -> None:

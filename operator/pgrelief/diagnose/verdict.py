@@ -20,6 +20,7 @@ from pgrelief.diagnose._shared import (
     name_of,
     oldest_first,
     since,
+    spared_lines,
 )
 from pgrelief.diagnose.hints import threshold_hints
 from pgrelief.diagnose.locks import blocking
@@ -75,12 +76,8 @@ def verdict(context: Context, findings: Sequence[Finding], status: Severity) -> 
         summary.append(_composition(context))
     summary.append(_largest(context))
     notes.extend(threshold_hints(context))
-    spared = len(context.spared)
-    if spared and emergency is not None:
-        notes.append(
-            f"{spared} session(s) past a threshold are left out, as pgrelief run leaves them "
-            "by default (superusers, LISTEN sessions): the findings name them."
-        )
+    if emergency is not None:
+        notes.extend(spared_lines(context, {s.state for s, _ in context.spared}))
     return Verdict(
         summary=tuple(summary),
         emergency=emergency,
@@ -111,14 +108,11 @@ def _slots_line(context: Context, assumed: tuple[str, ...]) -> str:
 
 
 def _holders(context: Context) -> list[Session]:
-    """The sessions to free now: idle lock holders, then idle in transaction, then leaked idle.
+    """The sessions to free: idle lock holders, then idle in transaction, then leaked idle.
 
-    Under server pressure, all of them; when only roles or databases are at their own
-    CONNECTION LIMIT, theirs; otherwise none (nothing is urgent).
+    When only some roles or databases are at their own CONNECTION LIMIT (the server has
+    slots), theirs come first.
     """
-    roles, databases = limits_hit(context)
-    if context.pressure == Severity.HEALTHY and not (roles or databases):
-        return []
     found = blocking(context)
     lock_holders = [
         holder
@@ -135,8 +129,9 @@ def _holders(context: Context) -> list[Session]:
     ):
         chosen.setdefault(session.pid, session)
     sessions = list(chosen.values())
-    if context.pressure == Severity.HEALTHY:
-        sessions = [s for s in sessions if s.usename in roles or s.datname in databases]
+    roles, databases = limits_hit(context)
+    if context.pressure == Severity.HEALTHY and (roles or databases):
+        sessions.sort(key=lambda s: s.usename not in roles and s.datname not in databases)
     return sessions
 
 
@@ -197,9 +192,9 @@ def _composition(context: Context) -> str:
     active = states.get(ACTIVE, 0) + states.get(FASTPATH, 0)
     in_transaction = states.get(IDLE_IN_TRANSACTION, 0) + states.get(IDLE_IN_TRANSACTION_ABORTED, 0)
     return (
-        f"{active} active, {states.get(IDLE, 0)} idle, {in_transaction} idle in transaction; "
-        f"none idle for ≥ {human_age(options.idle_after_s)} or idle in a transaction for ≥ "
-        f"{human_age(options.idle_in_transaction_after_s)}, or none that pgrelief would end"
+        f"{active} active, {states.get(IDLE, 0)} idle, {in_transaction} idle in transaction: "
+        f"none that pgrelief would end is idle for ≥ {human_age(options.idle_after_s)} or "
+        f"idle in a transaction for ≥ {human_age(options.idle_in_transaction_after_s)}"
     )
 
 
@@ -219,7 +214,10 @@ def _largest(context: Context) -> str:
 
 
 def _emergency(context: Context, holders: list[Session]) -> Fix:
-    """One terminate statement for every session to free: each row re-checks its identity."""
+    """One terminate statement for every session to free: each row re-checks its identity.
+
+    Sessions are listed by identity (the first ``MAX_LISTED``, in the order given); the rest
+    by pattern, re-checking state and age when it runs."""
     options = context.options
     listed = holders[: advice.MAX_LISTED]
     text = (
@@ -238,7 +236,12 @@ def _emergency(context: Context, holders: list[Session]) -> Fix:
             f"\n-- {len(holders) - len(listed)} more match the same pattern; this re-checks state "
             "and age when it runs:\n" + advice.pattern_signal_sql(ages, "state_change")
         )
-    return Fix(EMERGENCY_SQL, text, f"free {len(holders)} slot(s) now")
+    roles, databases = limits_hit(context)
+    if context.pressure > Severity.HEALTHY or roles or databases:
+        title = f"free {len(holders)} slot(s) now"
+    else:
+        title = f"end {len(holders)} stale session(s) (no slot pressure: when convenient)"
+    return Fix(EMERGENCY_SQL, text, title)
 
 
 def _durable(findings: Sequence[Finding]) -> tuple[Fix, ...]:
