@@ -344,8 +344,8 @@ def test_crd_on_a_real_api_server(kube_apiserver: Any) -> None:
         json.dumps(status),
     )
     table = kube.kubectl("get", "cpol", "minimal", "-n", namespace).stdout.splitlines()
-    assert table[0].split()[:5] == ["NAME", "READY", "PRESSURE", "MODE", "AGE"]
-    assert table[1].split()[:4] == ["minimal", "True", "warning", "DryRun"]
+    assert table[0].split()[:6] == ["NAME", "READY", "PRESSURE", "UTILIZATION", "MODE", "AGE"]
+    assert table[1].split()[:5] == ["minimal", "True", "warning", "83", "DryRun"]
 
     # Invalid policies are refused by the API server itself, each for its reason.
     refusals = {

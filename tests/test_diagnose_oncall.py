@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import replace
 
 from pgrelief.diagnose import DiagnoseOptions, diagnose
 from pgrelief.diagnosis import (
@@ -260,7 +261,7 @@ def test_assumed_slot_settings_come_first_and_a_given_max_connections_replaces_t
     lines = _report(d).splitlines()
     assert lines[0].startswith("pgrelief diagnosis: HEALTHY (on assumed settings)")
     assert lines[1].startswith("ASSUMED, not observed")
-    given = diagnose(given_max_connections(snap, 30))  # type: ignore[arg-type]
+    given = diagnose(replace(snap, server=given_max_connections(snap.server, 30)))  # type: ignore[attr-defined]
     assert given.server is not None and given.server.usable_slots == 27
     assert given.status.label == "critical"
     assert given.verdict is not None and "max_connections" not in given.verdict.assumed

@@ -41,6 +41,7 @@ NO_POOLER = "no_pooler"
 MEMORY_OVERCOMMIT = "memory_overcommit"
 RESERVED_ACCESS = "reserved_access"
 LOCK_BLOCKER = "lock_blocker"  # a session holding locks that others wait for
+PARTIAL_INPUT = "partial_input"  # offline input that supports only part of a diagnosis
 
 # Fix kinds: what the reader does with the text.
 EMERGENCY_SQL = "emergency_sql"  # run now, as a superuser / through a reserved slot
@@ -184,6 +185,9 @@ class Diagnosis:
     source: str = "live"
     taken_at: str | None = None
     verdict: Verdict | None = None
+    # What the reader must know before trusting the numbers: the input was partial, or not
+    # UTF-8, or held tables that were not used. Shown right under the verdict.
+    notes: tuple[str, ...] = ()
 
     def finding(self, kind: str) -> Finding | None:
         return next((f for f in self.findings if f.kind == kind), None)
@@ -199,6 +203,7 @@ class Diagnosis:
             "breakdown": self.breakdown.to_json(),
             "findings": [f.to_json() for f in self.findings],
             "verdict": self.verdict.to_json() if self.verdict else None,
+            "notes": list(self.notes),
         }
 
 

@@ -152,3 +152,25 @@ def protections(
             at = pids.index(own_pid)
             found[at] = protection(sessions[at], snapshot, protect)
     return found
+
+
+# What `diagnose` asks: run's defaults, except that an unknown superuser status is no reason to
+# leave a session out (a dump has no pg_roles): its statements re-check rolsuper on the server.
+_BESIDES_SUPERUSERS = Protect(superusers=False)
+
+
+def spared_by_default(
+    sessions: Sequence[Session], snapshot: Snapshot
+) -> tuple[list[Spared | None], bool]:
+    """Why each session is left out of diagnose's statements (None: it may be in them), and
+    whether some of those kept are of unknown superuser status."""
+    verdicts = protections(sessions, snapshot)
+    unknown = [
+        at for at, why in enumerate(verdicts) if why is not None and why.rule == SUPERUSER_UNKNOWN
+    ]
+    if unknown:
+        again = protections([sessions[at] for at in unknown], snapshot, _BESIDES_SUPERUSERS)
+        for at, why in zip(unknown, again, strict=True):
+            verdicts[at] = why
+    kept_unknown = any(verdicts[at] is None for at in unknown)
+    return verdicts, kept_unknown

@@ -69,9 +69,10 @@ def render_text(
         _print_verdict(console, diagnosis, verdict, verbose)
     if not diagnosis.findings:
         console.print(Text("No findings: connection usage looks healthy.", style="green"))
-    elif not verbose:
+    elif verdict is not None and not verbose:
         _print_finding_lines(console, diagnosis)
         return
+    # --verbose, or a diagnosis without a verdict (a partial one from the triage queries).
     if diagnosis.server is not None:
         console.print(_breakdown_tables(diagnosis))
     for number, finding in enumerate(diagnosis.findings, start=1):
@@ -96,6 +97,8 @@ def _header(diagnosis: Diagnosis) -> Text:
     if diagnosis.taken_at:
         text.append(f", at {diagnosis.taken_at}")
     text.append(")")
+    for note in diagnosis.notes:
+        text.append("\n" + escape_controls(f"note: {note}"), style="bold yellow")
     if verdict is not None:
         for note in verdict.notes:
             if note.startswith("ASSUMED"):

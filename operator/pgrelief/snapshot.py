@@ -106,8 +106,10 @@ class Setting:
     setting: str
     unit: str | None = None
     context: str | None = None
-    source: str | None = None  # pg_settings.source: 'default', 'configuration file', ...
-    sourcefile: str | None = None  # visible to superusers and pg_read_all_settings only
+    # Where the value came from (pg_settings.source, .sourcefile): provenance, not the value,
+    # so not compared (a dump does not carry it). sourcefile needs pg_read_all_settings.
+    source: str | None = field(default=None, compare=False)
+    sourcefile: str | None = field(default=None, compare=False)
 
     @property
     def set_by_alter_system(self) -> bool | None:
@@ -181,21 +183,19 @@ class ServerFacts:
             return None
 
 
-def given_max_connections(snapshot: Snapshot, max_connections: int) -> Snapshot:
-    """``snapshot`` with the max_connections a user stated (offline input without settings):
+def given_max_connections(facts: ServerFacts, max_connections: int) -> ServerFacts:
+    """``facts`` with the max_connections a user stated (offline input without settings):
     no longer assumed, and the settings agree with it."""
-    facts = snapshot.server
     settings = dict(facts.settings)
     settings["max_connections"] = Setting(
         "max_connections", str(max_connections), None, "postmaster"
     )
-    server = replace(
+    return replace(
         facts,
         max_connections=max_connections,
         settings=settings,
         assumed=tuple(name for name in facts.assumed if name != "max_connections"),
     )
-    return replace(snapshot, server=server)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from pgrelief.diagnose.options import DiagnoseOptions
 from pgrelief.diagnosis import Breakdown, Group, Severity
-from pgrelief.protection import SUPERUSER_UNKNOWN, Spared, protections
+from pgrelief.protection import Spared, spared_by_default
 from pgrelief.snapshot import (
     ACTIVE,
     CLIENT_BACKEND,
@@ -217,25 +217,16 @@ def count(snapshot: Snapshot, options: DiagnoseOptions) -> Context:
     unknown: list[bool] = []
 
     def unprotected(sessions: list[Session]) -> list[Session]:
-        """The sessions `run` could terminate by default (pgrelief.protection decides).
-
-        An unknown superuser status (a dump has no pg_roles) is no reason to leave a session
-        out: the statement re-checks it on the server instead.
-        """
-        verdicts = protections(sessions, snapshot)
-        distinct = set(verdicts)
-        if distinct == {None}:
-            return sessions
-        keep = {v: v is None or v.rule == SUPERUSER_UNKNOWN for v in distinct}
-        mask = list(map(keep.__getitem__, verdicts))
-        if any(v is not None and v.rule == SUPERUSER_UNKNOWN for v in distinct):
+        """The sessions `run` could terminate by default (pgrelief.protection decides)."""
+        verdicts, kept_unknown = spared_by_default(sessions, snapshot)
+        if kept_unknown:
             unknown.append(True)
+        if not any(verdicts):
+            return sessions
         spared.extend(
-            (session, why)
-            for session, why, kept in zip(sessions, verdicts, mask, strict=True)
-            if not kept and why is not None
+            (session, why) for session, why in zip(sessions, verdicts, strict=True) if why
         )
-        return list(compress(sessions, mask))
+        return [session for session, why in zip(sessions, verdicts, strict=True) if not why]
 
     leaked = unprotected(aged(in_state(IDLE), _STATE_AGE, options.idle_after_s))
     idle_in_tx = unprotected(

@@ -15,7 +15,7 @@ from operator import attrgetter
 from pgrelief.diagnose._counting import Context
 from pgrelief.diagnosis import Severity
 from pgrelief.durations import format_duration, human_age
-from pgrelief.protection import SUPERUSER_UNKNOWN, protections
+from pgrelief.protection import spared_by_default
 from pgrelief.snapshot import IDLE, IDLE_IN_TRANSACTION, Session
 from pgrelief.snapshot import IDLE_IN_TRANSACTION_ABORTED as ABORTED
 
@@ -82,12 +82,8 @@ def _candidates(context: Context, states: tuple[str, ...]) -> list[Session]:
         for s, state in zip(context.clients, context.states, strict=True)
         if state in states and s is not own and s.state_age_s is not None
     ]
-    verdicts = protections(found, context.snapshot)
-    kept = [
-        s
-        for s, why in zip(found, verdicts, strict=True)
-        if why is None or why.rule == SUPERUSER_UNKNOWN
-    ]
+    verdicts, _unknown = spared_by_default(found, context.snapshot)
+    kept = [s for s, why in zip(found, verdicts, strict=True) if why is None]
     kept.sort(key=_STATE_AGE, reverse=True)
     return kept
 

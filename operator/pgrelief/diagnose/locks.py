@@ -24,7 +24,7 @@ from pgrelief.diagnose._shared import (
 from pgrelief.diagnose.options import DEFAULT_OPTIONS
 from pgrelief.diagnosis import ADVICE, EMERGENCY_SQL, LOCK_BLOCKER, Finding, Fix, Severity
 from pgrelief.durations import human_age
-from pgrelief.protection import SUPERUSER_UNKNOWN, protection
+from pgrelief.protection import spared_by_default
 from pgrelief.snapshot import (
     ACTIVE,
     FASTPATH,
@@ -142,8 +142,8 @@ def lock_blockers(context: Context) -> list[Finding]:
                 else f"pid {pid} had left pg_stat_activity when the snapshot was taken"
             )
             continue
-        why = protection(holder, context.snapshot)
-        if why is not None and why.rule != SUPERUSER_UNKNOWN:
+        why = spared_by_default([holder], context.snapshot)[0][0]
+        if why is not None:
             evidence.append(
                 f"pid {pid} is not in the statements ({why.text}): pgrelief never targets it; "
                 "end it yourself if that is right"

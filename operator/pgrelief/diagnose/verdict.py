@@ -36,7 +36,7 @@ from pgrelief.diagnosis import (
     Verdict,
 )
 from pgrelief.durations import human_age
-from pgrelief.protection import SUPERUSER_UNKNOWN, protection
+from pgrelief.protection import spared_by_default
 from pgrelief.snapshot import (
     ACTIVE,
     FASTPATH,
@@ -136,8 +136,7 @@ def _holders(context: Context) -> list[Session]:
 
 
 def _may_terminate(context: Context, session: Session) -> bool:
-    why = protection(session, context.snapshot)
-    return why is None or why.rule == SUPERUSER_UNKNOWN
+    return spared_by_default([session], context.snapshot)[0][0] is None
 
 
 def _holder_lines(context: Context, holders: list[Session]) -> list[str]:
