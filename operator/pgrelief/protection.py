@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -115,18 +115,30 @@ def covering_network(address: str | None, networks: Sequence[Network]) -> Networ
     return None
 
 
-# Everything protection() reads of a session but its pid (which matters only for pgrelief's
-# own session, handled apart). A rule that reads another attribute must be added here, or
-# protections() would reuse a verdict for sessions the rule tells apart.
-_KEY = attrgetter(
-    "backend_type",
-    "is_superuser",
-    "usename",
-    "application_name",
-    "datname",
-    "client_addr",
-    "query",
-)
+# What protection() reads of a session, but its pid (which matters only for pgrelief's own
+# session, handled apart), under a given Protect: an empty list of roles, applications,
+# databases or networks reads nothing. A rule that reads another attribute must be added
+# here, or protections() would reuse a verdict for sessions the rule tells apart.
+def _key_for(protect: Protect, snapshot: Snapshot) -> attrgetter[tuple[object, ...]]:
+    wanted = ["backend_type"]
+    if protect.superusers:
+        wanted.append("is_superuser")
+        if snapshot.roles:  # the role's flag is looked up by name when the session's is unknown
+            wanted.append("usename")
+    if protect.roles:
+        wanted.append("usename")
+    if protect.applications:
+        wanted.append("application_name")
+    if protect.databases:
+        wanted.append("datname")
+    if protect.networks:
+        wanted.append("client_addr")
+    if protect.listeners:
+        wanted.append("query")
+    # Two names at least, so the getter returns tuples whatever the protections.
+    return attrgetter("backend_type", *dict.fromkeys(wanted))
+
+
 _PID = attrgetter("pid")
 
 
@@ -134,43 +146,58 @@ def protections(
     sessions: Sequence[Session], snapshot: Snapshot, protect: Protect = RUN_DEFAULTS
 ) -> list[Spared | None]:
     """``protection()`` of each session, in order: the same rule, asked once per distinct
-    (role, application, database, address, query, ...) instead of once per session.
+    combination of what it reads (role, query, ...) instead of once per session.
 
     Diagnosing 100k sessions asks this of tens of thousands of candidates that share a few
     hundred such combinations.
     """
-    keys = list(map(_KEY, sessions))
-    own_pid = snapshot.own_pid
-    verdicts: dict[tuple[object, ...], Spared | None] = {}
-    for key, session in zip(keys, sessions, strict=True):
-        if key not in verdicts and session.pid != own_pid:
-            verdicts[key] = protection(session, snapshot, protect)
-    found = list(map(verdicts.get, keys))
-    if own_pid is not None:
-        pids = list(map(_PID, sessions))
-        if own_pid in pids:
-            at = pids.index(own_pid)
-            found[at] = protection(sessions[at], snapshot, protect)
+    found, _unknown = _by_key(sessions, snapshot, protect, besides_superusers=False)
     return found
-
-
-# What `diagnose` asks: run's defaults, except that an unknown superuser status is no reason to
-# leave a session out (a dump has no pg_roles): its statements re-check rolsuper on the server.
-_BESIDES_SUPERUSERS = Protect(superusers=False)
 
 
 def spared_by_default(
     sessions: Sequence[Session], snapshot: Snapshot
 ) -> tuple[list[Spared | None], bool]:
     """Why each session is left out of diagnose's statements (None: it may be in them), and
-    whether some of those kept are of unknown superuser status."""
-    verdicts = protections(sessions, snapshot)
-    unknown = [
-        at for at, why in enumerate(verdicts) if why is not None and why.rule == SUPERUSER_UNKNOWN
-    ]
-    if unknown:
-        again = protections([sessions[at] for at in unknown], snapshot, _BESIDES_SUPERUSERS)
-        for at, why in zip(unknown, again, strict=True):
-            verdicts[at] = why
-    kept_unknown = any(verdicts[at] is None for at in unknown)
-    return verdicts, kept_unknown
+    whether some of those kept are of unknown superuser status.
+
+    Run's default protections, except that an unknown superuser status is no reason to leave
+    a session out (a dump has no pg_roles): diagnose's statements re-check rolsuper on the
+    server instead. The other protections still apply to such a session (a LISTEN session).
+    """
+    return _by_key(sessions, snapshot, RUN_DEFAULTS, besides_superusers=True)
+
+
+def _by_key(
+    sessions: Sequence[Session], snapshot: Snapshot, protect: Protect, *, besides_superusers: bool
+) -> tuple[list[Spared | None], bool]:
+    keys = list(map(_key_for(protect, snapshot), sessions))
+    own_pid = snapshot.own_pid
+    unknown = False
+    besides = replace(protect, superusers=False)
+
+    def ask(session: Session) -> Spared | None:
+        nonlocal unknown
+        why = protection(session, snapshot, protect)
+        if besides_superusers and why is not None and why.rule == SUPERUSER_UNKNOWN:
+            # `besides` reads a subset of what `protect` reads: valid for the whole key.
+            why = protection(session, snapshot, besides)
+            unknown = unknown or why is None
+        return why
+
+    # One session per key, the last one seen (C-level); pgrelief's own is asked apart.
+    representatives = dict(zip(keys, sessions, strict=True))
+    verdicts = {key: ask(s) for key, s in representatives.items() if s.pid != own_pid}
+    own_at: int | None = None
+    if own_pid is not None:
+        pids = list(map(_PID, sessions))
+        if own_pid in pids:
+            own_at = pids.index(own_pid)
+            if keys[own_at] not in verdicts:
+                others = [s for k, s in zip(keys, sessions, strict=True) if k == keys[own_at]]
+                other = next((s for s in others if s.pid != own_pid), None)
+                verdicts[keys[own_at]] = None if other is None else ask(other)
+    found = list(map(verdicts.__getitem__, keys))
+    if own_at is not None:
+        found[own_at] = protection(sessions[own_at], snapshot, protect)
+    return found, unknown

@@ -10,12 +10,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, timedelta
-from itertools import compress
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not
 from typing import Any
 
 from pgrelief import advice
-from pgrelief.diagnose._counting import APP, DB, LOCAL_SOCKET, STATE, STATE_OF, USER, Context
+from pgrelief.diagnose._counting import APP, DB, LOCAL_SOCKET, STATE_OF, USER, Context
 from pgrelief.diagnosis import DURABLE_SQL, EMERGENCY_SQL, ORM, Fix
 from pgrelief.durations import human_age
 from pgrelief.sizing import ConnectionShare, connection_share, headroom_slots
@@ -25,7 +25,7 @@ EVIDENCE_ROWS = 10  # per-group / per-session evidence lines before "... and N m
 PID_OF = attrgetter("pid")
 _USENAME = attrgetter("usename")
 _APPLICATION = attrgetter("application_name")
-_QUERY = attrgetter("query")
+_LISTEN_FIRST = frozenset("lL \t\n\r\f\v")
 
 
 def name_of(value: str | None) -> str:
@@ -47,8 +47,13 @@ def oldest_first(sessions: Iterable[Session], age: str) -> list[Session]:
     findings may name tens of thousands of sessions.
     """
     getter = attrgetter(age)
-    known = [s for s in sessions if getter(s) is not None]
-    unknown = [s for s in sessions if getter(s) is None]
+    listed = list(sessions)
+    ages = list(map(getter, listed))
+    if None in ages:
+        known = list(compress(listed, map(is_not, ages, repeat(None))))
+        unknown = list(compress(listed, map(is_, ages, repeat(None))))
+    else:
+        known, unknown = listed, []
     known.sort(key=PID_OF)
     known.sort(key=getter, reverse=True)  # reverse keeps equal ages in pid order
     unknown.sort(key=PID_OF)
@@ -216,13 +221,14 @@ def share_for(
     info = context.snapshot.roles.get(role) if role is not None else None
     current = info.connection_limit if info is not None and not info.is_superuser else None
     role_counts = context.counts_excluding_own(USER)
-    by_state = context.projection(USER, STATE)
-    active = by_state.get((role, ACTIVE), 0) + by_state.get((role, FASTPATH), 0)
+    # The breakdown already split each role by state (a NULL role shows as "").
+    group = next((g for g in context.breakdown.by_user if g.key == (role or "")), None)
+    by_state = group.by_state if group is not None else {}
+    active = by_state.get(ACTIVE, 0) + by_state.get(FASTPATH, 0)
     own = context.own
     if own is not None and own.usename == role and own.state in (ACTIVE, FASTPATH):
         active -= 1
-    pairs = context.projection(USER, APP)
-    app_sessions = pairs.get((role, application), 0)
+    app_sessions = context.pair_count(APP, application, USER, role)
     if own is not None and (own.usename, own.application_name) == (role, application):
         app_sessions -= 1
     instances = context.addresses_of(APP, application) if application is not None else 1
@@ -263,8 +269,9 @@ def share_for(
 def database_share(context: Context, database: str) -> tuple[ConnectionShare, str]:
     """A database's connection budget, by the same sizing as a role's (``share_for``)."""
     counts = context.counts_excluding_own(DB)
-    by_state = context.projection(DB, STATE)
-    active = by_state.get((database, ACTIVE), 0) + by_state.get((database, FASTPATH), 0)
+    group = next((g for g in context.breakdown.by_database if g.key == database), None)
+    by_state = group.by_state if group is not None else {}
+    active = by_state.get(ACTIVE, 0) + by_state.get(FASTPATH, 0)
     own = context.own
     if own is not None and own.datname == database and own.state in (ACTIVE, FASTPATH):
         active -= 1
@@ -285,20 +292,50 @@ def database_share(context: Context, database: str) -> tuple[ConnectionShare, st
 
 
 def listening_roles(context: Context) -> set[str]:
-    """Roles with a session whose last statement was LISTEN (idle by design, not leaked)."""
+    """Roles with a session whose last statement was LISTEN (idle by design, not leaked).
+
+    Only idle sessions are looked at: a LISTEN runs in an instant, then its session waits
+    idle for notifications."""
     key = "listening_roles"
     if key not in context.cache:
-        queries = list(map(_QUERY, context.clients))
-        listens = {query for query in set(queries) if is_listen(query)}
+        # A cheap first-character test leaves the statements that may be a LISTEN (PostgreSQL
+        # itself only takes ASCII whitespace before a key word); each role is asked once.
+        maybe = [s for s in context.idle if s.query[:1] in _LISTEN_FIRST]
         roles: set[str] = set()
-        if listens:
-            roles = {
-                role
-                for role in compress(context.columns[USER], map(listens.__contains__, queries))
-                if role
-            }
+        for session in maybe:
+            role = session.usename
+            if role and role not in roles and is_listen(session.query):
+                roles.add(role)
         context.cache[key] = roles
     found: set[str] = context.cache[key]
+    return found
+
+
+# The candidate lists a finding and the verdict both read, sorted and grouped once.
+_CANDIDATES = {
+    "idle_in_tx": ("state_age_s", attrgetter("usename", "application_name")),
+    "leaked": ("state_age_s", attrgetter("application_name", "client_addr")),
+}
+
+
+def oldest_of(context: Context, candidates: str) -> list[Session]:
+    """``context.idle_in_tx`` or ``context.leaked``, oldest first (cached)."""
+    key = ("oldest", candidates)
+    if key not in context.cache:
+        age, _group = _CANDIDATES[candidates]
+        context.cache[key] = oldest_first(getattr(context, candidates), age)
+    found: list[Session] = context.cache[key]
+    return found
+
+
+def buckets_of(context: Context, candidates: str) -> list[Bucket]:
+    """Those candidates grouped: idle in transaction by (user, application), leaked idle by
+    (application, client address); biggest first (cached)."""
+    key = ("buckets", candidates)
+    if key not in context.cache:
+        _age, group = _CANDIDATES[candidates]
+        context.cache[key] = bucketed(oldest_of(context, candidates), group)
+    found: list[Bucket] = context.cache[key]
     return found
 
 

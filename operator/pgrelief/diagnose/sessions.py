@@ -7,20 +7,19 @@ statements and the per-role timeouts that stop it happening again.
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 from pgrelief import advice
 from pgrelief.diagnose._counting import Context
 from pgrelief.diagnose._shared import (
     EVIDENCE_ROWS,
     PID_OF,
     addr_of,
-    bucketed,
+    buckets_of,
     listening_roles,
     main_applications,
     more,
     name_of,
     oldest_first,
+    oldest_of,
     orm_fixes,
     role_timeouts,
     roles_of,
@@ -59,16 +58,12 @@ def timeout_for(threshold_s: float, floor_s: float) -> float:
     return max(threshold_s, floor_s)
 
 
-_USER_APP = attrgetter("usename", "application_name")
-_APP_ADDR = attrgetter("application_name", "client_addr")
-
-
 def idle_in_transaction(context: Context) -> list[Finding]:
     if not context.idle_in_tx:
         return []
     options = context.options
     threshold = options.idle_in_transaction_after_s
-    sessions = oldest_first(context.idle_in_tx, "state_age_s")
+    sessions = oldest_of(context, "idle_in_tx")
     aborted = [s for s in sessions if s.state == STATE_ABORTED]
     open_tx = [s for s in sessions if s.state != STATE_ABORTED]
     summary = (
@@ -84,7 +79,7 @@ def idle_in_transaction(context: Context) -> list[Finding]:
                 f"{label}: {len(part)}, oldest idle {human_age(oldest.state_age_s)}"
                 + (f", oldest transaction open {human_age(max(xact_ages))}" if xact_ages else "")
             )
-    buckets = bucketed(sessions, _USER_APP)
+    buckets = buckets_of(context, "idle_in_tx")
     for bucket in buckets[:EVIDENCE_ROWS]:
         role, application = bucket.key
         evidence.append(
@@ -168,8 +163,8 @@ def leaked_idle(context: Context) -> list[Finding]:
     if not context.leaked:
         return []
     threshold = context.options.idle_after_s
-    sessions = oldest_first(context.leaked, "state_age_s")
-    buckets = bucketed(sessions, _APP_ADDR)
+    sessions = oldest_of(context, "leaked")
+    buckets = buckets_of(context, "leaked")
     summary = (
         f"{len(sessions)} sessions idle for ≥ {human_age(threshold)} from {len(buckets)} "
         "application/client group(s): the pattern of leaked connections"

@@ -15,10 +15,13 @@ from operator import attrgetter
 from pgrelief import advice
 from pgrelief.diagnose._counting import Context
 from pgrelief.diagnose._shared import (
+    Bucket,
     addr_of,
     bucketed,
+    buckets_of,
     name_of,
     oldest_first,
+    oldest_of,
     since,
     spared_lines,
 )
@@ -121,14 +124,12 @@ def _holders(context: Context) -> list[Session]:
         and holder.state not in (ACTIVE, FASTPATH)
         and _may_terminate(context, holder)
     ]
-    chosen: dict[int, Session] = {}
-    for session in (
-        *oldest_first(lock_holders, "state_age_s"),
-        *oldest_first(context.idle_in_tx, "state_age_s"),
-        *oldest_first(context.leaked, "state_age_s"),
-    ):
-        chosen.setdefault(session.pid, session)
-    sessions = list(chosen.values())
+    sessions = [*oldest_of(context, "idle_in_tx"), *oldest_of(context, "leaked")]
+    if lock_holders:
+        chosen: dict[int, Session] = {}
+        for session in (*oldest_first(lock_holders, "state_age_s"), *sessions):
+            chosen.setdefault(session.pid, session)
+        sessions = list(chosen.values())
     roles, databases = limits_hit(context)
     if context.pressure == Severity.HEALTHY and (roles or databases):
         sessions.sort(key=lambda s: s.usename not in roles and s.datname not in databases)
@@ -152,36 +153,42 @@ def _holder_lines(context: Context, holders: list[Session]) -> list[str]:
             f"for: {holder.state or 'unknown state'} {since(context, holder.state_age_s)}"
         )
     lock_pids = set(found.holder)
-    rest = [s for s in holders if s.pid not in lock_pids]
-    in_transaction = [s for s in rest if s.state != IDLE]
-    idle = [s for s in rest if s.state == IDLE]
-    groups: list[tuple[int, str]] = []
-    for bucket in bucketed(in_transaction, _USER_APP, detail=HOLDER_LINES):
-        role, application = bucket.key
-        groups.append(
-            (
-                bucket.count,
-                f"{bucket.count} idle in transaction from application {name_of(application)} "
-                f"(user {name_of(role)}), the oldest {since(context, bucket.oldest.state_age_s)}",
-            )
-        )
-    for bucket in bucketed(idle, _APP_ADDR, detail=HOLDER_LINES):
-        application, address = bucket.key
-        users = ", ".join(name_of(r) for r in bucket.roles) or "(unknown)"
-        groups.append(
-            (
-                bucket.count,
-                f"{bucket.count} idle from application {name_of(application)} on "
-                f"{addr_of(address)} (user {users}), the oldest "
-                f"{since(context, bucket.oldest.state_age_s)}",
-            )
-        )
-    groups.sort(key=lambda g: -g[0])
-    lines.extend(text for _, text in groups[:HOLDER_LINES])
-    if len(groups) > HOLDER_LINES:
-        others = sum(n for n, _ in groups[HOLDER_LINES:])
-        lines.append(f"... and {others} more in {len(groups) - HOLDER_LINES} other group(s)")
+    if lock_pids:
+        rest = [s for s in holders if s.pid not in lock_pids]
+        in_tx_buckets = bucketed([s for s in rest if s.state != IDLE], _USER_APP, HOLDER_LINES)
+        idle_buckets = bucketed([s for s in rest if s.state == IDLE], _APP_ADDR, HOLDER_LINES)
+    else:  # every candidate: the findings' own groups
+        in_tx_buckets = buckets_of(context, "idle_in_tx")
+        idle_buckets = buckets_of(context, "leaked")
+    # Only the biggest groups are worded: there may be thousands.
+    ranked = sorted(
+        [(b.count, True, b) for b in in_tx_buckets[:HOLDER_LINES]]
+        + [(b.count, False, b) for b in idle_buckets[:HOLDER_LINES]],
+        key=lambda g: -g[0],
+    )
+    for _count, in_transaction, bucket in ranked[:HOLDER_LINES]:
+        lines.append(_group_line(context, bucket, in_transaction=in_transaction))
+    others = len(in_tx_buckets) + len(idle_buckets) - min(len(ranked), HOLDER_LINES)
+    if others > 0:
+        grouped = sum(b.count for b in in_tx_buckets) + sum(b.count for b in idle_buckets)
+        shown = sum(b.count for _c, _t, b in ranked[:HOLDER_LINES])
+        lines.append(f"... and {grouped - shown} more in {others} other group(s)")
     return lines
+
+
+def _group_line(context: Context, bucket: Bucket, *, in_transaction: bool) -> str:
+    if in_transaction:
+        role, application = bucket.key
+        return (
+            f"{bucket.count} idle in transaction from application {name_of(application)} "
+            f"(user {name_of(role)}), the oldest {since(context, bucket.oldest.state_age_s)}"
+        )
+    application, address = bucket.key
+    users = ", ".join(name_of(r) for r in bucket.roles) or "(unknown)"
+    return (
+        f"{bucket.count} idle from application {name_of(application)} on {addr_of(address)} "
+        f"(user {users}), the oldest {since(context, bucket.oldest.state_age_s)}"
+    )
 
 
 def _composition(context: Context) -> str:
