@@ -2,7 +2,7 @@
 PYTHON ?= python3
 CACHE_DIR ?= $(HOME)/.cache/pgrelief
 
-.PHONY: install demo test lint typecheck kube-testenv kube-tools bench crd
+.PHONY: install demo test lint typecheck kube-testenv kube-tools wheelhouse bench crd
 
 install:
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
@@ -12,6 +12,10 @@ demo: install
 
 kube-tools:
 	bash scripts/install-kube-tools.sh "$(CACHE_DIR)/bin"
+
+# The wheels tests/test_image.py installs offline (runtime dependencies and build backend).
+wheelhouse:
+	bash scripts/wheelhouse.sh "$(CACHE_DIR)/wheelhouse"
 
 kube-testenv:
 	bash tests/kube-testenv/build.sh "$(CACHE_DIR)"
@@ -26,6 +30,12 @@ typecheck:
 
 test: install lint typecheck
 	$(PYTHON) -m pytest -q
+
+# The CRD is generated from the policy model; the chart ships byte-identical copies of crds/
+# (tests/test_chart_files.py fails when they drift).
+crd:
+	$(PYTHON) -m pgrelief crd > crds/connectionpolicies.pgrelief.dev.yaml
+	cp crds/*.yaml charts/pgrelief/crds/
 
 bench: install
 	$(PYTHON) bench/diagnose_bench.py

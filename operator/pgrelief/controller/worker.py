@@ -17,26 +17,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from pgrelief.audit import AuditSink
 from pgrelief.connection import ManagedConnection
 from pgrelief.controller.credentials import CredentialsError, policy_conninfo
 from pgrelief.controller.events import EventRecorder
 from pgrelief.controller.kube import Kube, KubeError
+from pgrelief.controller.pgbouncer import PgBouncerReconciler
 from pgrelief.controller.status_store import StatusStore
 from pgrelief.cycle import Cycle, CycleReport
 from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
 from pgrelief.manifests import events as notes
-from pgrelief.manifests.status import after_cycle, not_ready
+from pgrelief.manifests.common import Owner
+from pgrelief.manifests.status import after_cycle, not_ready, with_condition
 from pgrelief.metrics import OperatorMetrics
-from pgrelief.policy import ConnectionPolicy, ConnectionPolicyStatus, PolicyError, validate_policy
+from pgrelief.observe import connect
+from pgrelief.pgbouncer_auth import READY_CONDITION as PGBOUNCER_READY
+from pgrelief.policy import (
+    Condition,
+    ConnectionPolicy,
+    ConnectionPolicyStatus,
+    PolicyError,
+    validate_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +86,11 @@ class PolicyWorker:
             context.instance,
         )
         self.store = StatusStore(context.kube, self.namespace, self.name, status_of(raw))
+        self.pgbouncer = PgBouncerReconciler(
+            context.kube, Owner(self.name, self.namespace, meta.get("uid") or "")
+        )
+        self.nudged = False  # something pgrelief manages changed: look again soon
+        self._pgbouncer_problem: str | None = None
         self.finished = asyncio.Event()
         self.generation: int | None = None
         self.cycles = 0
@@ -116,6 +132,9 @@ class PolicyWorker:
         while not stopped:
             left = deadline - time.monotonic()
             if left <= 0 or body.get("metadata", {}).get("generation") != self.generation:
+                return
+            if self.nudged:
+                self.nudged = False
                 return
             await stopped.wait(min(left, SPEC_CHECK_S))
 
@@ -208,9 +227,53 @@ class PolicyWorker:
             planned=len(report.plan.actions),
             now=now,
         )
-        self._write(wanted, now)
+        conditions, pgbouncer_notes = self._reconcile_pgbouncer(policy, report, generation, now)
+        announcements += pgbouncer_notes
+        self._write(wanted.model_copy(update={"conditions": conditions(wanted)}), now)
         self.events.record(announcements, now=now)
         self.context.metrics.cycle_done(self.key, diagnosis, report.records, took, now)
+
+    def _reconcile_pgbouncer(
+        self, policy: ConnectionPolicy, report: CycleReport, generation: int | None, now: datetime
+    ) -> tuple[Callable[[ConnectionPolicyStatus], list[Condition]], list[notes.EventNote]]:
+        """Reconcile the pooler; the conditions it leaves and the Events it deserves."""
+        assert report.snapshot is not None
+        announce: list[notes.EventNote] = []
+        try:
+            outcome = self.pgbouncer.reconcile(
+                policy, report.snapshot, lambda database: self._connect_to(policy, database)
+            )
+            condition, found = outcome.condition, outcome.notes
+        except (KubeError, PgreliefError, psycopg.Error) as error:
+            message = f"could not reconcile PgBouncer: {error}"
+            condition = Condition(
+                type=PGBOUNCER_READY, status="False", reason="ReconcileFailed", message=message
+            )
+            found = [notes.EventNote("PgBouncerReconcileFailed", "Warning", message, "Reconcile")]
+        for note in found:
+            # A reconciled pooler is news each time; a problem only when it is a new one.
+            if note.type == "Normal" or note.message != self._pgbouncer_problem:
+                announce.append(note)
+        self._pgbouncer_problem = next((n.message for n in found if n.type == "Warning"), None)
+
+        def conditions(status: ConnectionPolicyStatus) -> list[Condition]:
+            if condition is None:
+                return [c for c in status.conditions if c.type != PGBOUNCER_READY]
+            return with_condition(
+                status.conditions,
+                PGBOUNCER_READY,
+                condition.status,
+                condition.reason or "",
+                condition.message or "",
+                generation,
+                now,
+            )
+
+        return conditions, announce
+
+    def _connect_to(self, policy: ConnectionPolicy, database: str) -> psycopg.Connection[Any]:
+        """A short-lived connection to ``database`` as the policy's role (auth_query checks)."""
+        return connect(make_conninfo(policy_conninfo(self.context.kube, policy), dbname=database))
 
     def _recovered(self) -> list[notes.EventNote]:
         problem, self._problem = self._problem, None

@@ -21,6 +21,7 @@ from pgrelief.policy import API_VERSION_FULL, KIND
 Manifest = dict[str, Any]
 
 SPEC_HASH = "pgrelief.dev/spec-hash"
+MANAGED_BY = "app.kubernetes.io/managed-by"
 POLICY_ANNOTATION = "pgrelief.dev/policy"
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -57,7 +58,7 @@ def labels(owner: Owner) -> dict[str, str]:
     return {
         **selector_labels(owner),
         "app.kubernetes.io/component": "connection-pooler",
-        "app.kubernetes.io/managed-by": "pgrelief",
+        MANAGED_BY: "pgrelief",
     }
 
 
