@@ -2,7 +2,8 @@
 PYTHON ?= python3
 CACHE_DIR ?= $(HOME)/.cache/pgrelief
 
-.PHONY: install demo test lint typecheck kube-testenv kube-tools wheelhouse bench crd
+.PHONY: install demo test lint typecheck kube-testenv kube-tools wheelhouse bench crd \
+	e2e-cluster e2e-cluster-stop e2e
 
 install:
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
@@ -19,6 +20,18 @@ wheelhouse:
 
 kube-testenv:
 	bash tests/kube-testenv/build.sh "$(CACHE_DIR)"
+
+# A real single-node cluster (root): started and left running, its kubeconfig path printed.
+e2e-cluster:
+	PGRELIEF_CACHE_DIR="$(CACHE_DIR)" $(PYTHON) tests/e2e-cluster/cluster.py start
+
+# Undoes e2e-cluster (or a failed run) and checks the machine is as it was before the start.
+e2e-cluster-stop:
+	PGRELIEF_CACHE_DIR="$(CACHE_DIR)" $(PYTHON) tests/e2e-cluster/cluster.py stop
+
+# The end-to-end tests, on a cluster of their own (or the one e2e-cluster left running).
+e2e: install kube-tools
+	PGRELIEF_CACHE_DIR="$(CACHE_DIR)" $(PYTHON) -m pytest -q -m e2e tests/e2e
 
 lint:
 	$(PYTHON) -m ruff check operator tests bench

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.kube",
     "tests.fixtures.browser",
     "tests.fixtures.pgbouncer",
+    "tests.fixtures.e2e",
 ]

@@ -133,6 +133,8 @@ def test_the_operator_reconciles_a_pgbouncer_that_really_pools(
     wait_until("max_client_conn = 300", lambda: "max_client_conn = 300" in ini_now())
     after = _get(kube, "deployment", name, ns)["spec"]["template"]["metadata"]["annotations"]
     assert after != before
+    # The controller manager really rolls it: a new ReplicaSet for the new config.
+    wait_until("a second ReplicaSet", lambda: len(_replica_sets(kube, name, ns)) == 2)
 
     # 6. Oversubscribed: a condition and a Warning saying by how much; nothing applied.
     current = _get(kube, "configmap", name, ns)
@@ -152,3 +154,26 @@ def test_the_operator_reconciles_a_pgbouncer_that_really_pools(
     )
     policy_now = get_policy(kube, ns, "shop")
     assert condition(policy_now, "PgBouncerReady") == {}
+
+    # 8. Enabled again, then the policy deleted: garbage collection takes the pooler with it.
+    policy["spec"]["pgbouncer"] = _pgbouncer_spec(pooled_server)
+    apply(kube, policy)
+    wait_until("the Deployment again", lambda: _get(kube, "deployment", name, ns), timeout=60)
+    kube.kubectl("delete", "cpol", "shop", "-n", ns, "--timeout=60s")
+    wait_until(
+        "the pooler collected with its policy",
+        lambda: (
+            all(_get(kube, kind, name, ns) == {} for kind in KINDS)
+            and not _replica_sets(kube, name, ns)
+        ),
+        timeout=60,
+    )
+
+
+def _replica_sets(kube: KubeApiServer, name: str, namespace: str) -> list[dict[str, Any]]:
+    out = kube.kubectl(
+        "get", "replicasets", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}",
+        "-o", "json",
+    )  # fmt: skip
+    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return items
