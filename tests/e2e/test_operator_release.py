@@ -425,17 +425,22 @@ def test_the_managed_pgbouncer_pools_rolls_without_a_failed_transaction_and_goes
         new_hash = wait_for("the new ReplicaSet", lambda: _new_template(cluster, apps, before))
         changed = get(cluster, "deployment", POOLER, "-n", apps)
         assert changed["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
-        available: list[int] = []
+        # Counted from the pods themselves (Ready, not terminating): the Deployment's own
+        # availableReplicas sums its ReplicaSets' statuses, which lag one another mid-roll.
+        serving: list[int] = []
+        reported: list[int] = []
 
         def rolled() -> bool:
-            available.append(
-                get(cluster, "deployment", POOLER, "-n", apps)["status"].get("availableReplicas", 0)
-            )
+            pods = items(cluster, "pods", "-n", apps, "-l", f"app.kubernetes.io/instance={POOLER}")
+            serving.append(sum(1 for pod in pods if _serving(pod)))
+            status = get(cluster, "deployment", POOLER, "-n", apps)["status"]
+            reported.append(status.get("availableReplicas", 0))
             return _rolled(cluster, apps, new_hash)
 
         assert new_hash is not None
         wait_for("the pods rolled", rolled, timeout=180)
-        assert min(available) >= 2  # never below the wanted replicas
+        print(f"pods serving during the roll: {serving}; Deployment reported: {reported}")
+        assert min(serving) >= 2, (serving, reported)  # never below the wanted replicas
         time.sleep(2)
     finally:
         in_pod(cluster, apps, client, "touch", "/tmp/stop")
@@ -469,6 +474,13 @@ def test_the_managed_pgbouncer_pools_rolls_without_a_failed_transaction_and_goes
         ),
         timeout=120,
     )
+
+
+def _serving(pod: dict[str, Any]) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 # ------------------------------------------------------------------------------ SIGKILL
