@@ -18,6 +18,7 @@ machine with the snapshot taken before the start: exit code 1 if anything differ
     python3 tests/e2e-cluster/cluster.py stop  [--run-dir DIR] [--keep-logs DIR]
     python3 tests/e2e-cluster/cluster.py status [--run-dir DIR]
     python3 tests/e2e-cluster/cluster.py image CONTEXT NAME [--build-arg K=V]  # build + import
+        [--pip-wheelhouse DIR]                               # pip in RUN steps: offline
 """
 
 from __future__ import annotations
@@ -462,16 +463,22 @@ def _reap(pid: int) -> None:
 
 
 def build_and_import(
-    run_dir: Path, context: Path, short_name: str, build_args: dict[str, str]
+    run_dir: Path,
+    context: Path,
+    short_name: str,
+    build_args: dict[str, str],
+    wheelhouse: Path | None = None,
 ) -> images.Image:
     """Build a Dockerfile here (FROM the local base by default: ``BASE_IMAGE``) and load it
-    into the running cluster's containerd: the hook for the project's own Dockerfile."""
+    into the running cluster's containerd: the hook for the project's own Dockerfile, whose
+    ``pip install`` runs offline from ``wheelhouse`` when one is given."""
     state = load_state(run_dir.resolve())
     if state is None or not _alive(state.get("init_pid"), state.get("init_start")):
         raise ClusterError(f"no cluster running from {run_dir}")
     b = images.builder(build_binaries())
     b.base()
-    image = b.build_dockerfile(context, short_name, build_args=build_args)
+    volumes = images.offline_pip(wheelhouse, b.root) if wheelhouse else None
+    image = b.build_dockerfile(context, short_name, build_args=build_args, volumes=volumes)
     import_images(run_dir.resolve(), {short_name: image})
     return image
 
@@ -488,6 +495,9 @@ def main(argv: list[str]) -> int:
             cmd.add_argument("context", type=Path, help="directory with the Dockerfile")
             cmd.add_argument("name", help="the image becomes localhost/pgrelief/NAME:e2e")
             cmd.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
+            cmd.add_argument(
+                "--pip-wheelhouse", type=Path, help="RUN steps' pip installs from here only"
+            )
     args = parser.parse_args(argv)
     # A SIGTERM to a start in progress unwinds like Ctrl-C: the half-started node is undone.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
@@ -497,8 +507,11 @@ def main(argv: list[str]) -> int:
             return 0
         if args.command == "image":
             extra = dict(kv.split("=", 1) for kv in args.build_arg)
-            image = build_and_import(args.run_dir, args.context, args.name, extra)
-            print(json.dumps({"name": image.name, "archive": str(image.archive)}))
+            image = build_and_import(
+                args.run_dir, args.context, args.name, extra, args.pip_wheelhouse
+            )
+            built = {"name": image.name, "archive": str(image.archive), "seconds": image.seconds}
+            print(json.dumps(built))
             return 0
         if args.command == "stop":
             return stop(args.run_dir, args.keep_logs)
