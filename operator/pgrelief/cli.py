@@ -391,6 +391,30 @@ def size(
     default=lambda: os.environ.get("POD_NAME") or socket.gethostname(),
     help="Name this process reports in Events (default: $POD_NAME or the host name).",
 )
+@click.option(
+    "--attribute-namespace",
+    "attribute_namespaces",
+    multiple=True,
+    metavar="NS",
+    help="Also index the Pods of this namespace (repeatable), to name the workload behind "
+    "each session; the watched namespaces are always indexed.",
+)
+@click.option(
+    "--attribute-all-namespaces",
+    is_flag=True,
+    help="Index the Pods of every namespace (needs cluster-wide list/watch of pods, "
+    "replicasets and jobs).",
+)
+@click.option(
+    "--no-attribution",
+    is_flag=True,
+    help="Do not index Pods: sessions are not placed on workloads (no pod RBAC needed).",
+)
+@click.option(
+    "--no-workload-events",
+    is_flag=True,
+    help="Do not post an Event on the workloads whose sessions were terminated.",
+)
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 def operator_command(
     namespaces: tuple[str, ...],
@@ -404,12 +428,35 @@ def operator_command(
     audit_file: Path | None,
     workers: int,
     instance: str,
+    attribute_namespaces: tuple[str, ...],
+    attribute_all_namespaces: bool,
+    no_attribution: bool,
+    no_workload_events: bool,
     verbose: bool,
 ) -> None:
-    """Run the Kubernetes operator for ConnectionPolicy objects (KUBECONFIG or in-cluster)."""
+    """Run the Kubernetes operator for ConnectionPolicy objects (KUBECONFIG or in-cluster).
+
+    Sessions are placed on the workloads of the Pods they come from (Deployment, StatefulSet,
+    CronJob...): the watched namespaces' Pods are indexed, plus --attribute-namespace ones,
+    or every namespace's with --attribute-all-namespaces or --all-namespaces.
+    """
     if bool(namespaces) == all_namespaces:
         raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
-    from pgrelief.controller.main import run_operator  # noqa: PLC0415 - kopf only when needed
+    if no_attribution and (attribute_namespaces or attribute_all_namespaces):
+        raise click.UsageError("--no-attribution goes with no --attribute-* flag")
+    from pgrelief.controller.attribution import (  # noqa: PLC0415 - kopf only when needed
+        AttributionSettings,
+    )
+    from pgrelief.controller.main import run_operator  # noqa: PLC0415
+
+    indexed: tuple[str, ...] | None = None
+    if not (all_namespaces or attribute_all_namespaces):
+        # A glob is no namespace a list can name: index those with --attribute-namespace.
+        plain = [ns for ns in namespaces if not any(ch in ns for ch in "*?[")]
+        indexed = tuple(dict.fromkeys([*plain, *attribute_namespaces]))
+    attribution = AttributionSettings(
+        enabled=not no_attribution, namespaces=indexed, workload_events=not no_workload_events
+    )
 
     run_operator(
         namespaces=namespaces,
@@ -424,6 +471,7 @@ def operator_command(
         workers=workers,
         instance=instance,
         verbose=verbose,
+        attribution=attribution,
     )
 
 

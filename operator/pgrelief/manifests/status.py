@@ -19,9 +19,11 @@ from pgrelief.history import RemediationHistory
 from pgrelief.policy import (
     MAX_RECENT_ACTIONS,
     MAX_STATUS_FINDINGS,
+    MAX_STATUS_WORKLOADS,
     Condition,
     ConnectionPolicyStatus,
     RecentAction,
+    WorkloadConnections,
 )
 
 READY = "Ready"
@@ -36,7 +38,14 @@ _CONDITION_MESSAGE_LIMIT = 8192
 
 # Fields whose change alone is not worth a write before COUNTS_EVERY has passed.
 _COUNTS = frozenset(
-    {"connections", "client_backends", "utilization_percent", "usable_slots", "findings"}
+    {
+        "connections",
+        "client_backends",
+        "utilization_percent",
+        "usable_slots",
+        "findings",
+        "workloads",
+    }
 )
 _ALWAYS_CHANGING = frozenset({"last_diagnosis_time", "conditions"})
 
@@ -106,6 +115,7 @@ def after_cycle(
             f"[{f.severity.finding_label}] {f.kind}: {f.summary}"[:_TEXT_LIMIT]
             for f in diagnosis.findings[:MAX_STATUS_FINDINGS]
         ],
+        workloads=workloads_of(diagnosis),
         last_diagnosis_time=now,
         last_action_time=max((r.ts for r in outcomes), default=previous.last_action_time),
         terminations_last_hour=len(history.for_planning(now).terminations),
@@ -116,6 +126,26 @@ def after_cycle(
         recent_terminations=list(history.terminations),
         originals=originals_of(history),
     )
+
+
+def workloads_of(diagnosis: Diagnosis) -> list[WorkloadConnections] | None:
+    """The workloads holding the most sessions (None: sessions were not placed on Pods)."""
+    if diagnosis.attribution_scope is None:
+        return None
+    return [
+        WorkloadConnections(
+            kind=group.workload.kind,
+            namespace=group.workload.namespace,
+            name=group.workload.name,
+            count=group.count,
+            by_state=dict(group.by_state),
+            oldest_state_age_seconds=(
+                None if group.oldest_state_age_s is None else int(group.oldest_state_age_s)
+            ),
+        )
+        for group in diagnosis.breakdown.by_workload
+        if group.workload is not None
+    ][:MAX_STATUS_WORKLOADS]
 
 
 def with_history(
