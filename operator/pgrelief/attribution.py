@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from typing import Any
 
 from pgrelief.snapshot import CLIENT_BACKEND, Snapshot
@@ -406,13 +405,3 @@ def _same_connection(backend_start: datetime | None, server: PoolerClient) -> bo
         return True
     gap = (backend_start - server.connect_time).total_seconds()
     return -SKEW_S <= gap <= 1.0 + SKEW_S
-
-
-def matches(workload: Workload, kind: str, namespace: str, name: str) -> bool:
-    """Whether ``workload`` is the one a selector names (kind case-insensitive; name may be a
-    glob pattern such as ``checkout-*``)."""
-    return (
-        workload.kind.lower() == kind.lower()
-        and workload.namespace == namespace
-        and (workload.name == name or fnmatchcase(workload.name, name))
-    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 
 # The kinds a Pod is resolved to (its top owner); any other owner kind is shown as it is.
 DEPLOYMENT = "Deployment"
@@ -43,6 +44,15 @@ class Workload:
     @property
     def label(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}"
+
+    def matches(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether a selector names this workload: kind case-insensitive, namespace exact,
+        name exact or a glob pattern (``checkout-*``)."""
+        return (
+            self.kind.lower() == kind.lower()
+            and self.namespace == namespace
+            and (self.name == name or fnmatchcase(self.name, name))
+        )
 
 
 @dataclass(frozen=True, slots=True)

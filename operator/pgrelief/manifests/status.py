@@ -219,12 +219,20 @@ def needs_write(
         return True
     if _condition_states(written) != _condition_states(wanted):
         return True
+    if _workload_names(written) != _workload_names(wanted):
+        return True  # a workload appeared or left: news, not a count
     old = written.model_dump(exclude=set(_ALWAYS_CHANGING))
     new = wanted.model_dump(exclude=set(_ALWAYS_CHANGING))
     changed = {key for key in new if new[key] != old.get(key)}
     if changed - _COUNTS:
         return True
     return bool(changed) and since_written >= COUNTS_EVERY
+
+
+def _workload_names(status: ConnectionPolicyStatus) -> set[tuple[str, str, str]] | None:
+    if status.workloads is None:
+        return None
+    return {(w.kind, w.namespace, w.name) for w in status.workloads}
 
 
 def _condition_states(status: ConnectionPolicyStatus) -> set[tuple[str, str, str | None]]:

@@ -59,6 +59,7 @@ from pgrelief.policy.spec import (
     ProtectSpec,
     RemediationSpec,
     TerminateSpec,
+    WorkloadSelector,
 )
 from pgrelief.policy.status import (
     MAX_RECENT_ACTIONS,
@@ -118,6 +119,7 @@ __all__ = [
     "SslMode",
     "TerminateSpec",
     "WorkloadConnections",
+    "WorkloadSelector",
     "format_errors",
     "validate_policy",
     "validate_spec",
