@@ -246,24 +246,17 @@ def workload_notes(
 
 
 def _workload_note(workload: Workload, records: Sequence[AuditRecord], policy: str) -> EventNote:
+    # No ages in the text: the same sessions seen again fold into one Event's count.
     dry = all(r.outcome != "done" for r in records)
     states = Counter(str(r.evidence.get("state") or "?") for r in records)
-    oldest = max(records, key=lambda r: float(r.evidence.get("state_age_s") or 0.0))
-    age = oldest.evidence.get("state_age_s")
-    databases = sorted(
-        {str(r.evidence.get("datname")) for r in records if r.evidence.get("datname")}
-    )
+    databases = sorted({str(r.evidence["datname"]) for r in records if r.evidence.get("datname")})
     what = ", ".join(f"{n} {state}" for state, n in states.most_common())
     where = f" to database {', '.join(databases)}" if databases else ""
-    detail = (
-        f"({what}; the oldest {oldest.evidence.get('state')} for "
-        f"{human_age(float(age)) if age is not None else '?'})"
-    )
-    subject = f"{len(records)} leaked connection(s) of this {workload.kind}'s pods{where}"
+    subject = f"{len(records)} leaked connection(s) of this {workload.kind}'s pods{where} ({what})"
     if dry:
-        message = f"pgrelief would terminate (DryRun) {subject} {detail}; ConnectionPolicy {policy}"
+        message = f"pgrelief would terminate (DryRun) {subject}; ConnectionPolicy {policy}"
         return EventNote(WOULD_TERMINATE, "Normal", message, "DryRun")
-    message = f"pgrelief terminated {subject} {detail}; ConnectionPolicy {policy}"
+    message = f"pgrelief terminated {subject}; ConnectionPolicy {policy}"
     return EventNote(BACKENDS_TERMINATED, "Warning", message, "Terminate")
 
 
