@@ -86,7 +86,7 @@ def cycle_notes(
     notes: list[EventNote] = []
     sessions = [r for r in records if r.action in _ACTION_VERB and r.outcome != "intent"]
     terminated = [r for r in sessions if r.outcome == "done"]
-    dry = [r for r in sessions if r.outcome == "skipped" and r.dry_run]
+    dry = [r for r in sessions if r.planned]
     failed = [r for r in records if r.outcome == "failed"]
     for record in (terminated + dry)[:limit]:
         notes.append(_session_note(record, _origin(record, origins)))
@@ -98,7 +98,7 @@ def cycle_notes(
             notes.append(
                 EventNote(_APPLIED[record.action], "Normal", _describe_change(record), "Alter")
             )
-        elif record.action in _APPLIED and record.outcome == "skipped" and record.dry_run:
+        elif record.action in _APPLIED and record.planned:
             message = f"would apply (DryRun): {_describe_change(record)}"
             notes.append(EventNote(WOULD_APPLY, "Normal", message, "Alter"))
     for record in failed[:limit]:
@@ -232,7 +232,7 @@ def workload_notes(
         r
         for r in records
         if r.action in _ACTION_VERB
-        and (r.outcome == "done" or (r.outcome == "skipped" and r.dry_run))
+        and (r.outcome == "done" or r.planned)
     ]
     by_workload: dict[Workload, list[AuditRecord]] = {}
     for record in sessions:

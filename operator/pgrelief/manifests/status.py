@@ -274,7 +274,7 @@ def _remediating_condition(
         return with_condition(
             conditions, REMEDIATING, "True", "ActionsTaken", message, generation, now
         )
-    planned = [r for r in outcomes if r.dry_run]
+    planned = [r for r in outcomes if r.planned]
     if planned:
         message = f"DryRun: {len(planned)} action(s) planned, none performed"
         return with_condition(conditions, REMEDIATING, "False", "DryRun", message, generation, now)
@@ -285,7 +285,7 @@ def _remediating_condition(
 
 def _notable(records: Sequence[AuditRecord]) -> list[AuditRecord]:
     # A protected session skipped for the hundredth time is not news; a dry-run plan is.
-    return [r for r in records if r.outcome != "skipped" or r.dry_run]
+    return [r for r in records if r.outcome != "skipped" or r.planned]
 
 
 def _recent(record: AuditRecord) -> RecentAction:
