@@ -144,14 +144,19 @@ class PodClient:
         self.forwarder = Forwarder(target, source=ip).open()
         self.sessions: list[psycopg.Connection[Any]] = []
 
-    def idle_in_transaction(self, user: str, application: str, **extra: Any) -> int:
-        """A session left idle in transaction; its backend pid."""
+    def connect(self, user: str, application: str, **extra: Any) -> psycopg.Connection[Any]:
+        """A session from the Pod (``dbname`` postgres unless given); closed by ``close``."""
         conn = psycopg.connect(
-            host="127.0.0.1", port=self.forwarder.port, user=user, dbname="postgres",
-            application_name=application, autocommit=False, **extra,
+            **{"dbname": "postgres", **extra}, host="127.0.0.1", port=self.forwarder.port,
+            user=user, application_name=application, autocommit=False,
         )  # fmt: skip
-        conn.execute("select 1")
         self.sessions.append(conn)
+        return conn
+
+    def idle_in_transaction(self, user: str, application: str, **extra: Any) -> int:
+        """A session left idle in transaction; its backend pid (PgBouncer's own, through it)."""
+        conn = self.connect(user, application, **extra)
+        conn.execute("select 1")
         return int(conn.info.backend_pid)
 
     def close(self) -> None:
