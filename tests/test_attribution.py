@@ -110,6 +110,18 @@ def test_pods_resolve_to_their_top_owner() -> None:
     assert origin.workload.uid == "uid-api"  # what an Event on the Deployment needs
 
 
+def test_an_owner_seen_later_changes_the_workload_a_pod_resolves_to() -> None:
+    index = index_of(pod("etl-29-x", "10.0.0.3", owner=("Job", "etl-29")))
+    first = index.place("10.0.0.3", since(60))
+    assert first is not None and first.workload == Workload("Job", SHOP, "etl-29")
+    index.put_controller("Job", SHOP, "etl-29", _owner("CronJob", "etl"))  # its Job listed
+    later = index.place("10.0.0.3", since(60))
+    assert later is not None and later.workload == Workload("CronJob", SHOP, "etl")
+    index.delete_controller("Job", SHOP, "etl-29")
+    gone = index.place("10.0.0.3", since(60))
+    assert gone is not None and gone.workload == Workload("Job", SHOP, "etl-29")
+
+
 def test_a_reused_address_is_not_blamed_on_the_pod_that_holds_it_now() -> None:
     index = index_of(pod("newcomer", "10.0.0.9", started_ago=30))
     assert index.place("10.0.0.9", since(10)) is not None  # began after the Pod started: it

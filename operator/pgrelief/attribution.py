@@ -41,6 +41,7 @@ from pgrelief.workloads import (
 SKEW_S = 2.0  # node and database clocks disagree this much at most (startTime has 1 s steps)
 TOMBSTONE_S = 3600.0  # deleted Pods are remembered this long (their sessions may outlive them)
 MAX_TOMBSTONES = 20_000
+MAX_RESOLVED = 200_000  # cached Pod -> workload resolutions (one per workload, mostly)
 _TEMPLATE_HASH = "pod-template-hash"
 _FINISHED = frozenset({"Succeeded", "Failed"})
 
@@ -148,6 +149,9 @@ class PodIndex:
         # (kind, namespace, name) of a ReplicaSet or Job -> its owner (None: it has none)
         self._controllers: dict[tuple[str, str, str], OwnerRef | None] = {}
         self._tombstones: deque[tuple[float, PodRecord]] = deque()
+        # A Pod's workload, by what decides it; forgotten when a ReplicaSet's or Job's owner
+        # changes. One Workload shared by all of a workload's Pods: a lookup makes none.
+        self._resolved: dict[tuple[str, ...], Workload] = {}
         self._clock = clock or (lambda: datetime.now(UTC).timestamp())
 
     # ---- keeping it up to date ----------------------------------------------------------
@@ -187,12 +191,16 @@ class PodIndex:
             self.put_pod(record)
 
     def put_controller(self, kind: str, namespace: str, name: str, owner: OwnerRef | None) -> None:
+        key = (kind, namespace, name)
         with self._lock:
-            self._controllers[(kind, namespace, name)] = owner
+            if key not in self._controllers or self._controllers[key] != owner:
+                self._resolved.clear()  # most updates are status changes: the owner stays
+            self._controllers[key] = owner
 
     def delete_controller(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
             self._controllers.pop((kind, namespace, name), None)
+            self._resolved.clear()
 
     def replace_controllers(
         self,
@@ -209,6 +217,7 @@ class PodIndex:
                 del self._controllers[key]
             for ns, name, owner in items:
                 self._controllers[(kind, ns, name)] = owner
+            self._resolved.clear()
 
     def _remove(self, uid: str) -> None:
         old = self._pods.pop(uid, None)
@@ -257,6 +266,19 @@ class PodIndex:
             return self._workload_of(pod)
 
     def _workload_of(self, pod: PodRecord) -> Workload:
+        owner = pod.owner
+        if owner is None:
+            key: tuple[str, ...] = (POD, pod.namespace, pod.name, pod.uid)
+        else:
+            key = (owner.kind, pod.namespace, owner.name, owner.uid, pod.template_hash or "")
+        found = self._resolved.get(key)
+        if found is None:
+            if len(self._resolved) >= MAX_RESOLVED:
+                self._resolved.clear()
+            found = self._resolved[key] = self._resolve(pod)
+        return found
+
+    def _resolve(self, pod: PodRecord) -> Workload:
         owner = pod.owner
         if owner is None:
             return Workload(POD, pod.namespace, pod.name, pod.uid, "v1")

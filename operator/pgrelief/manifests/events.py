@@ -229,10 +229,7 @@ def workload_notes(
     """One Event per workload whose sessions a cycle terminated (or, DryRun, would have), to
     post on the workload itself: what its team sees in ``kubectl describe deployment``."""
     sessions = [
-        r
-        for r in records
-        if r.action in _ACTION_VERB
-        and (r.outcome == "done" or r.planned)
+        r for r in records if r.action in _ACTION_VERB and (r.outcome == "done" or r.planned)
     ]
     by_workload: dict[Workload, list[AuditRecord]] = {}
     for record in sessions:
