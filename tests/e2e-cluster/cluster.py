@@ -43,7 +43,13 @@ from typing import Any
 import config
 import hostcheck
 import images
-from cgroups import cgroup_hierarchies, create_cgroups, remove_cgroups
+from cgroups import (
+    cgroup_hierarchies,
+    create_cgroups,
+    new_cgroup_name,
+    remove_cgroups,
+    sweep_stale_cgroups,
+)
 
 HERE = Path(__file__).resolve().parent
 APT_PACKAGES = {  # program -> Debian package
@@ -245,11 +251,21 @@ def start(run_dir: Path) -> dict[str, Any]:
                 raise ClusterError(f"a cluster is already running from {run_dir}: stop it first")
             log("cleaning up after a previous run that was not stopped")
             stop_locked(run_dir, keep_logs=None)
+        swept, unswept = sweep_stale_cgroups()
+        for path in swept:
+            log(f"removed the cgroup tree a killed run left: {path}")
+        if unswept:
+            raise ClusterError(f"cgroups a killed run left could not be removed: {unswept}")
         run_dir.mkdir(parents=True)
         (run_dir / "logs").mkdir()
         hostcheck_file = run_dir / "host-before.json"
         hostcheck_file.write_text(json.dumps(hostcheck.snapshot()))
-        state = {"run_dir": str(run_dir), "cgroups": [], "host_before": str(hostcheck_file)}
+        state = {
+            "run_dir": str(run_dir),
+            "cgroup_name": new_cgroup_name(),
+            "cgroups": [],
+            "host_before": str(hostcheck_file),
+        }
         save_state(run_dir, state)
         try:
             return _start_locked(run_dir, state, bin_dir, built, timings)
@@ -283,7 +299,7 @@ def _start_locked(
         state["cgroups"].append(str(path))
         save_state(run_dir, state)
 
-    cgroups = create_cgroups(record)
+    cgroups = create_cgroups(state["cgroup_name"], record)
 
     # The shell joins the node's cgroups, then becomes unshare: the new cgroup namespace is
     # rooted there, and so is everything started inside.
@@ -431,7 +447,7 @@ def stop_locked(run_dir: Path, keep_logs: Path | None) -> int:
     if before is None:
         log("no snapshot from before the start: nothing to compare with")
         return 1 if left else 0
-    diffs, noise = hostcheck.compare(before, hostcheck.snapshot())
+    diffs, noise = hostcheck.compare(before, hostcheck.snapshot(), state.get("cgroup_name"))
     for line in noise:
         log(f"(not ours) {line}")
     for line in diffs:
