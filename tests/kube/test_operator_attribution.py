@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +38,7 @@ from tests.runs import alive
 pytestmark = pytest.mark.kube
 
 IDLE_IN_TX = "idle in transaction"
+T = TypeVar("T")
 
 
 def pgrelief_events(kube: KubeApiServer, namespace: str, kind: str) -> list[dict[str, Any]]:
@@ -124,8 +125,8 @@ def test_sessions_are_placed_on_the_workloads_of_their_pods(
     )
     found = wait_until(
         "the three workloads in status.workloads",
-        lambda: (
-            (w := status_workloads(kube, ns, "orders")).keys() >= {deployment, stateful, cron} and w
+        lambda: _if(
+            (w := status_workloads(kube, ns, "orders")).keys() >= {deployment, stateful, cron}, w
         ),
         timeout=60,
     )
@@ -133,22 +134,27 @@ def test_sessions_are_placed_on_the_workloads_of_their_pods(
     assert found[deployment]["oldestStateAgeSeconds"] >= 1
     assert found[stateful]["count"] == 1 and found[cron]["count"] == 1
     assert not any("newcomer" in key for key in found), found  # the reused address: unknown
-    held = workload_series(operator.metrics(), ns)
+    # The metrics are set after the status is written, in the same cycle.
+    held = wait_until(
+        "the workload series",
+        lambda: _if(
+            ("Deployment", "checkout-api", IDLE_IN_TX)
+            in (h := workload_series(operator.metrics(), ns)),
+            h,
+        ),
+    )
     assert held[("Deployment", "checkout-api", IDLE_IN_TX)] == 3
     assert held[("StatefulSet", "ledger", IDLE_IN_TX)] == 1
     assert held[("CronJob", "nightly-report", IDLE_IN_TX)] == 1
     assert held[("", "", IDLE_IN_TX)] >= 1  # the reused address's session, unknown
     assert not any(name == "newcomer" for _, name, _ in held)
-    would = wait_until(
-        "WouldTerminateBackend Events naming the workloads",
-        lambda: (
-            (found := events(kube, ns, "WouldTerminateBackend"))
-            and all(
-                f"pid {p} " in " ".join(e["message"] for e in found) for p in [*checkout, reused]
-            )
-            and found
-        ),
-    )
+
+    def would_all() -> list[dict[str, Any]] | None:
+        found = events(kube, ns, "WouldTerminateBackend")
+        text = " ".join(e["message"] for e in found)
+        return _if(all(f"pid {p} " in text for p in [*checkout, nightly, reused]), found)
+
+    would = wait_until("WouldTerminateBackend Events naming the workloads", would_all)
     by_pid = {pid: next(e["message"] for e in would if f"pid {pid} " in e["message"])
               for pid in [*checkout, nightly, reused]}  # fmt: skip
     checkout_pod = made["checkout-api"]["metadata"]["name"]
@@ -238,6 +244,11 @@ def test_no_workload_events_keeps_the_events_on_the_policy(
         assert pgrelief_events(kube, ns, "Deployment") == []
     finally:
         process.stop()
+
+
+def _if(ok: bool, value: T) -> T | None:
+    """``value`` once ``ok`` (a probe for wait_until that keeps its type)."""
+    return value if ok else None
 
 
 def _distinct_ips(count: int) -> list[str]:
