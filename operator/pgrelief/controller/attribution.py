@@ -29,12 +29,14 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from kubernetes.config.config_exception import ConfigException
 
 from pgrelief.attribution import PodIndex, PodRecord, attribute, controller_of, pod_record
 from pgrelief.controller.credentials import CredentialsError, secret_value
 from pgrelief.controller.events import WorkloadEvents
-from pgrelief.controller.kube import Kube, KubeError, WatchExpiredError
+from pgrelief.controller.kube import Kube, KubeError, WatchExpiredError, api_client
 from pgrelief.cycle import CycleReport
+from pgrelief.errors import PgreliefError
 from pgrelief.manifests import events as notes
 from pgrelief.manifests.common import object_name
 from pgrelief.pgbouncer_ini import DEFAULT_LISTEN_PORT
@@ -320,6 +322,25 @@ class Attributor:
             return replace(snapshot, attribution=attributed)
 
         return enrich
+
+
+def attribute_from_cluster(snapshot: Snapshot, namespaces: Sequence[str] | None) -> Snapshot:
+    """``pgrelief diagnose --kube``: one list of Pods, ReplicaSets and Jobs (the kubeconfig's
+    current context; ``namespaces`` None: all of them) and the snapshot placed on them."""
+    try:
+        kube = Kube(api_client(pool_size=4))
+    except (ConfigException, OSError) as error:
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PgreliefError(f"--kube: no usable kubeconfig or in-cluster account: {why}") from None
+    index = PodIndex()
+    informer = Informer(kube, index, namespaces)
+    try:
+        informer.fill()
+    except KubeError as error:
+        hint = " (--kube-namespace NS lists one namespace)" if namespaces is None else ""
+        raise PgreliefError(f"--kube: {error}{hint}") from None
+    scope = AttributionSettings(namespaces=tuple(namespaces) if namespaces else None).scope
+    return replace(snapshot, attribution=attribute(snapshot, index, scope=scope))
 
 
 class PolicyAttribution:
