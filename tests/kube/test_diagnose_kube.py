@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +64,11 @@ def test_diagnose_kube_names_the_workload_behind_the_sessions(
     assert (group["namespace"], group["name"], group["count"]) == (ns, "checkout-api", 2)
     assert group["by_state"] == {"idle in transaction": 2} and group["pods"] == 1
 
+    time.sleep(1.2)
+    brief = diagnose(kube.kubeconfig, "--dsn", dsn, "--kube", "--idle-in-transaction-after", "1s")
+    verdict = " ".join(brief.stdout.split())  # the report wraps at the terminal's width
+    assert "(user 'app_backend'), the oldest since" in verdict
+    assert f"from Deployment {ns}/checkout-api" in verdict, brief.stdout[-3000:]
     text = diagnose(kube.kubeconfig, "--dsn", dsn, "--kube", "--verbose")  # every namespace
     assert "By workload (all namespaces)" in text.stdout, text.stdout[-3000:]
     assert f"Deployment {ns}/checkout-api" in text.stdout
