@@ -73,6 +73,7 @@ def test_healthy_server_exits_0_with_the_json_contract(pg_server: EmbeddedPostgr
         "by_application",
         "by_client_addr",
         "by_database",
+        "by_workload",
     }
     assert report["status"] == "healthy"
 

@@ -774,7 +774,9 @@ def test_json_has_the_contract_keys() -> None:
         "by_application",
         "by_client_addr",
         "by_database",
+        "by_workload",  # empty unless the cluster was asked (diagnose --kube, the operator)
     }
+    assert payload["breakdown"]["by_workload"] == [] and payload["attribution"] is None
     for finding in payload["findings"]:
         assert set(finding) == {"kind", "severity", "summary", "evidence", "pids", "fixes"}
         assert all(set(fix) >= {"kind", "text"} for fix in finding["fixes"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from pgrelief.audit import AuditRecord
+from pgrelief.audit import DRY_RUN_DETAIL, AuditRecord
 from pgrelief.diagnosis import Breakdown, Diagnosis, Finding, ServerSummary, Severity, Totals
 from pgrelief.history import RemediationHistory
 from pgrelief.manifests.events import (
@@ -74,7 +75,7 @@ def terminated(pid: int, *, dry_run: bool = False, outcome: str = "done") -> Aud
         },
         dry_run=dry_run,
         outcome=outcome,  # type: ignore[arg-type]
-        detail="" if outcome == "done" else "dry run: nothing was changed",
+        detail="" if outcome == "done" else DRY_RUN_DETAIL,
     )
 
 
@@ -173,6 +174,27 @@ def test_session_events_name_the_session_and_dry_run_says_would() -> None:
         assert part in done.message
     [would] = cycle_notes([terminated(7, dry_run=True, outcome="skipped")])
     assert would.reason == WOULD_TERMINATE and would.message.startswith("would terminate (DryRun)")
+
+
+def test_a_session_spared_by_a_rule_in_dry_run_is_no_would_terminate() -> None:
+    # In DryRun a protected session's record is "skipped" with dry_run set, as a plan is: only
+    # the plan says "would terminate" (the spared session once read as about to be killed).
+    would = terminated(7, dry_run=True, outcome="skipped")
+    spared = replace(terminated(8, dry_run=True, outcome="skipped"), detail="protected role app")
+    notes = cycle_notes([would, spared])
+    assert [n.reason for n in notes] == [WOULD_TERMINATE] and "pid 7 " in notes[0].message
+    status = after_cycle(
+        ConnectionPolicyStatus(),
+        generation=1,
+        diagnosis=diagnosis(),
+        records=[spared],
+        history=RemediationHistory(),
+        mode="DryRun",
+        planned=0,
+        now=NOW,
+    )
+    remediating = next(c for c in status.conditions if c.type == "Remediating")
+    assert remediating.reason == "NothingToDo" and not status.recent_actions
 
 
 def test_limit_changes_and_failures_are_announced() -> None:

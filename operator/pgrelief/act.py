@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgrelief.audit import AuditRecord, AuditSink, Outcome
+from pgrelief.audit import DRY_RUN_DETAIL, AuditRecord, AuditSink, Outcome
 from pgrelief.plan import (
     Action,
     Recommendation,
@@ -113,7 +113,7 @@ def execute(
         )
 
     if dry_run:
-        records = [record(a, "skipped", "dry run: nothing was changed") for a in actions]
+        records = [record(a, "skipped", DRY_RUN_DETAIL) for a in actions]
         emit(records)
         return records
     records = []

@@ -33,6 +33,9 @@ AuditSink = Callable[[Sequence["AuditRecord"]], None]
 # raw: a role named with one of them must not split a record in two for any reader.
 _LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _LINE_BREAKS_TABLE = str.maketrans(_LINE_BREAKS)
+# The detail of a dry run's planned action. A session a rule spares is "skipped" in a dry run
+# too, with the rule as its detail: only this one says "would have been done".
+DRY_RUN_DETAIL = "dry run: nothing was changed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,11 @@ class AuditRecord:
     outcome: Outcome
     detail: str = ""  # why it was skipped, or the error it failed with
     policy: str = ""
+
+    @property
+    def planned(self) -> bool:
+        """A dry run's plan (what would have been done), not a session a rule spared."""
+        return self.outcome == "skipped" and self.dry_run and self.detail == DRY_RUN_DETAIL
 
     def to_json(self) -> dict[str, Any]:
         return {

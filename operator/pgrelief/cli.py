@@ -9,7 +9,6 @@ error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +18,7 @@ import click
 
 from pgrelief import __version__
 from pgrelief.advice import STACKS
+from pgrelief.cli_operator import operator_command
 from pgrelief.crd import crd_yaml
 from pgrelief.diagnose import DiagnoseOptions, OptionsError, diagnose_refusal
 from pgrelief.diagnose import diagnose as run_diagnosis
@@ -119,6 +119,19 @@ def cli() -> None:
     show_default=True,
     help="Share of usable slots in use that is critical (exit 2).",
 )
+@click.option(
+    "--kube",
+    is_flag=True,
+    help="Name the workload (Deployment, StatefulSet, CronJob...) behind each session from the "
+    "Pods of the current kubeconfig context (with --dsn).",
+)
+@click.option(
+    "--kube-namespace",
+    "kube_namespaces",
+    multiple=True,
+    metavar="NS",
+    help="With --kube: list the Pods of this namespace only (repeatable; default: all).",
+)
 def diagnose(
     dsn: str | None,
     activity_file: Path | None,
@@ -133,6 +146,8 @@ def diagnose(
     stack: str | None,
     warning_percent: int,
     critical_percent: int,
+    kube: bool,
+    kube_namespaces: tuple[str, ...],
 ) -> None:
     """Explain what is using the connection slots, with evidence and fixes.
 
@@ -163,6 +178,10 @@ def diagnose(
         )
     if warning_percent >= critical_percent:
         raise click.UsageError("--warning-percent must be below --critical-percent")
+    if (kube or kube_namespaces) and dsn is None:
+        raise click.UsageError("--kube goes with --dsn (the Pods of now, the sessions of now)")
+    if kube_namespaces and not kube:
+        raise click.UsageError("--kube-namespace goes with --kube")
     try:
         memory_bytes = parse_size(memory) if memory else None
     except SizeError as error:
@@ -190,7 +209,7 @@ def diagnose(
     except OptionsError as error:
         raise click.UsageError(str(error)) from None
     diagnosis = (
-        _diagnose_live(dsn, options)
+        _diagnose_live(dsn, options, kube_namespaces if kube else None)
         if dsn is not None
         else _diagnose_files(activity_file, settings_file, options, max_connections)
     )
@@ -198,13 +217,21 @@ def diagnose(
     sys.exit(int(diagnosis.status))
 
 
-def _diagnose_live(dsn: str, options: DiagnoseOptions) -> Diagnosis:
-
+def _diagnose_live(
+    dsn: str, options: DiagnoseOptions, kube_namespaces: tuple[str, ...] | None = None
+) -> Diagnosis:
+    """``kube_namespaces``: place sessions on the Pods of those namespaces (empty: all)."""
     try:
         with connect(dsn) as conn:
             snapshot = take_snapshot(conn)
     except ServerRefused as refused:
         return diagnose_refusal(str(refused))
+    if kube_namespaces is not None:
+        from pgrelief.controller.attribution import (  # noqa: PLC0415 - the client when asked
+            attribute_from_cluster,
+        )
+
+        snapshot = attribute_from_cluster(snapshot, kube_namespaces or None)
     return run_diagnosis(snapshot, options)
 
 
@@ -347,86 +374,6 @@ def size(
     render_sizing(sizing, sys.stdout, output_format)
 
 
-@cli.command("operator")
-@click.option(
-    "--namespace",
-    "namespaces",
-    multiple=True,
-    help="Watch ConnectionPolicies in this namespace (repeatable; globs like team-*).",
-)
-@click.option("--all-namespaces", is_flag=True, help="Watch every namespace.")
-@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics.")
-@click.option(
-    "--liveness",
-    metavar="URL",
-    help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
-)
-@click.option("--standalone", is_flag=True, help="No peering: for exactly one replica.")
-@click.option("--priority", type=int, help="Peering priority (default: random per process).")
-@click.option(
-    "--peering",
-    "peering_name",
-    default="pgrelief",
-    show_default=True,
-    help="Name of the kopf peering object the replicas coordinate through.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="Log lines as text or as one JSON object each.",
-)
-@click.option(
-    "--audit-file",
-    type=click.Path(path_type=Path),
-    help="Also append audit records here (they always go to stdout, one JSON line each).",
-)
-@click.option(
-    "--workers", type=click.IntRange(1, 512), default=16, show_default=True,
-    help="Threads that run cycles (sync PostgreSQL and API calls).",
-)  # fmt: skip
-@click.option(
-    "--instance",
-    default=lambda: os.environ.get("POD_NAME") or socket.gethostname(),
-    help="Name this process reports in Events (default: $POD_NAME or the host name).",
-)
-@click.option("--verbose", is_flag=True, help="Debug logging.")
-def operator_command(
-    namespaces: tuple[str, ...],
-    all_namespaces: bool,
-    metrics_port: int | None,
-    liveness: str | None,
-    standalone: bool,
-    priority: int | None,
-    peering_name: str,
-    log_format: str,
-    audit_file: Path | None,
-    workers: int,
-    instance: str,
-    verbose: bool,
-) -> None:
-    """Run the Kubernetes operator for ConnectionPolicy objects (KUBECONFIG or in-cluster)."""
-    if bool(namespaces) == all_namespaces:
-        raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
-    from pgrelief.controller.main import run_operator  # noqa: PLC0415 - kopf only when needed
-
-    run_operator(
-        namespaces=namespaces,
-        all_namespaces=all_namespaces,
-        metrics_port=metrics_port,
-        liveness=liveness,
-        standalone=standalone,
-        priority=priority,
-        peering_name=peering_name,
-        log_format=log_format,
-        audit_file=audit_file,
-        workers=workers,
-        instance=instance,
-        verbose=verbose,
-    )
-
-
 @cli.command()
 @click.option(
     "--port",
@@ -454,6 +401,9 @@ def crd() -> None:
     """Print the ConnectionPolicy CRD generated from the policy model."""
 
     click.echo(crd_yaml(), nl=False)
+
+
+cli.add_command(operator_command)
 
 
 def _fail(message: str) -> NoReturn:

@@ -91,6 +91,9 @@ class Cycle:
         self.clock = clock
         self._reported_skips: set[tuple[int, datetime | None, str]] = set()
         self._backoff: dict[tuple[int, str | None], _Backoff] = {}
+        # What the driver knows that the server does not (the operator: which workload each
+        # session comes from), added to each snapshot before it is diagnosed.
+        self.enrich: Callable[[Snapshot], Snapshot] | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -98,6 +101,8 @@ class Cycle:
 
     def run(self, conn: Connection, stopping: threading.Event | None = None) -> CycleReport:
         snapshot = take_snapshot(conn)
+        if self.enrich is not None:
+            snapshot = self.enrich(snapshot)
         diagnosis = diagnose(snapshot, diagnose_options(self.policy))
         now = self.clock()
         self._forget_gone({session_identity(s.pid, s.backend_start) for s in snapshot.sessions})

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from pgrelief.workloads import PoolerPool, Workload
+
 
 class Severity(IntEnum):
     """Ordered so the worst of several is ``max()``; values are the CLI exit codes."""
@@ -42,6 +44,7 @@ MEMORY_OVERCOMMIT = "memory_overcommit"
 RESERVED_ACCESS = "reserved_access"
 LOCK_BLOCKER = "lock_blocker"  # a session holding locks that others wait for
 PARTIAL_INPUT = "partial_input"  # offline input that supports only part of a diagnosis
+POOLER_WAITING = "pooler_waiting"  # PgBouncer clients wait for a server connection
 
 # Fix kinds: what the reader does with the text.
 EMERGENCY_SQL = "emergency_sql"  # run now, as a superuser / through a reserved slot
@@ -99,6 +102,76 @@ class Group:
         }
 
 
+UNKNOWN_WORKLOAD = "(unknown)"  # sessions from no Pod, or from one that cannot be blamed
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadGroup:
+    """One row of the breakdown by workload: a Deployment, StatefulSet, CronJob... (None:
+    the sessions no Pod could be blamed for)."""
+
+    workload: Workload | None
+    count: int
+    by_state: dict[str, int]
+    oldest_state_age_s: float | None
+    pods: int = 0  # distinct Pods the sessions came from
+    via: tuple[str, ...] = ()  # PgBouncer pods the sessions came through
+
+    @property
+    def key(self) -> str:
+        return self.workload.label if self.workload is not None else UNKNOWN_WORKLOAD
+
+    def to_json(self) -> dict[str, Any]:
+        workload = self.workload
+        return {
+            "key": self.key,
+            "kind": workload.kind if workload else None,
+            "namespace": workload.namespace if workload else None,
+            "name": workload.name if workload else None,
+            "count": self.count,
+            "by_state": dict(self.by_state),
+            "oldest_state_age_s": _round(self.oldest_state_age_s),
+            "pods": self.pods,
+            "via": list(self.via),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PoolerSummary:
+    """One PgBouncer pod pgrelief manages: its pools (waiting clients) and its clients by
+    workload (the application Pods behind it; states are PgBouncer's: active, waiting...)."""
+
+    pod: str
+    namespace: str
+    address: str
+    pools: tuple[PoolerPool, ...] = ()
+    clients: tuple[WorkloadGroup, ...] = ()
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pod": self.pod,
+            "namespace": self.namespace,
+            "address": self.address,
+            "error": self.error,
+            "pools": [
+                {
+                    "database": p.database,
+                    "user": p.user,
+                    "cl_active": p.cl_active,
+                    "cl_waiting": p.cl_waiting,
+                    "sv_active": p.sv_active,
+                    "sv_idle": p.sv_idle,
+                    "sv_used": p.sv_used,
+                    "maxwait_s": round(p.maxwait_s, 3),
+                    "pool_mode": p.pool_mode,
+                }
+                for p in self.pools
+            ],
+            "clients_by_workload": [group.to_json() for group in self.clients],
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSummary:
     version_num: int | None
@@ -141,6 +214,8 @@ class Breakdown:
     by_application: tuple[Group, ...] = ()
     by_client_addr: tuple[Group, ...] = ()
     by_database: tuple[Group, ...] = ()
+    # Only when the cluster was asked (the operator, diagnose --kube); empty otherwise.
+    by_workload: tuple[WorkloadGroup, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -148,6 +223,7 @@ class Breakdown:
             "by_application": [g.to_json() for g in self.by_application],
             "by_client_addr": [g.to_json() for g in self.by_client_addr],
             "by_database": [g.to_json() for g in self.by_database],
+            "by_workload": [g.to_json() for g in self.by_workload],
         }
 
 
@@ -188,6 +264,10 @@ class Diagnosis:
     # What the reader must know before trusting the numbers: the input was partial, or not
     # UTF-8, or held tables that were not used. Shown right under the verdict.
     notes: tuple[str, ...] = ()
+    # Where Pods were looked for when sessions were placed on workloads (None: they were
+    # not), and the PgBouncer pods pgrelief manages, as their admin consoles said.
+    attribution_scope: str | None = None
+    poolers: tuple[PoolerSummary, ...] = ()
 
     def finding(self, kind: str) -> Finding | None:
         return next((f for f in self.findings if f.kind == kind), None)
@@ -204,6 +284,10 @@ class Diagnosis:
             "findings": [f.to_json() for f in self.findings],
             "verdict": self.verdict.to_json() if self.verdict else None,
             "notes": list(self.notes),
+            "attribution": (
+                None if self.attribution_scope is None else {"scope": self.attribution_scope}
+            ),
+            "poolers": [p.to_json() for p in self.poolers],
         }
 
 

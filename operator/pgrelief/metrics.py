@@ -18,6 +18,8 @@ from pgrelief.diagnosis import Diagnosis
 NAMESPACE = "pgrelief"
 POLICY_LABELS = ("namespace", "policy")
 CYCLE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WORKLOAD_LABELS = ("workload_namespace", "workload_kind", "workload")
+WORKLOAD_SERIES = 20  # workloads exported per policy (the biggest holders): bounded cardinality
 
 
 class OperatorMetrics:
@@ -97,6 +99,30 @@ class OperatorMetrics:
             namespace=NAMESPACE,
             registry=self.registry,
         )
+        self.workload_connections = Gauge(
+            "workload_connections",
+            f"Client backends by the workload they come from and state (the {WORKLOAD_SERIES} "
+            "biggest workloads; workload_kind empty: sessions no Pod could be blamed for).",
+            [*labels, *WORKLOAD_LABELS, "state"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.pooler_waiting = Gauge(
+            "pooler_clients_waiting",
+            "PgBouncer clients waiting for a server connection (SHOW POOLS cl_waiting), by pod.",
+            [*labels, "pooler_pod"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.pooler_max_wait = Gauge(
+            "pooler_max_wait_seconds",
+            "How long the longest-waiting PgBouncer client has waited (SHOW POOLS maxwait).",
+            [*labels, "pooler_pod"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self._workload_series: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+        self._pooler_series: dict[tuple[str, str], set[str]] = {}
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
         start_http_server(port, addr=address, registry=self.registry)
@@ -125,6 +151,31 @@ class OperatorMetrics:
         self.cycle_seconds.labels(*key).observe(seconds)
         self.last_success.labels(*key).set(finished.timestamp())
         self.ready.labels(*key).set(1)
+        self._workloads(key, diagnosis)
+
+    def _workloads(self, key: tuple[str, str], diagnosis: Diagnosis) -> None:
+        """The workload and pooler series of this cycle; those of the last that are gone go."""
+        series: set[tuple[str, ...]] = set()
+        for group in diagnosis.breakdown.by_workload[:WORKLOAD_SERIES]:
+            workload = group.workload
+            names = (workload.namespace, workload.kind, workload.name) if workload else ("", "", "")
+            for state, count in group.by_state.items():
+                self.workload_connections.labels(*key, *names, state).set(count)
+                series.add((*names, state))
+        for stale in self._workload_series.get(key, set()) - series:
+            self.workload_connections.remove(*key, *stale)
+        self._workload_series[key] = series
+        pods: set[str] = set()
+        for pooler in diagnosis.poolers:
+            waiting = sum(p.cl_waiting for p in pooler.pools if p.database != "pgbouncer")
+            longest = max((p.maxwait_s for p in pooler.pools), default=0.0)
+            self.pooler_waiting.labels(*key, pooler.pod).set(waiting)
+            self.pooler_max_wait.labels(*key, pooler.pod).set(longest)
+            pods.add(pooler.pod)
+        for stale_pod in self._pooler_series.get(key, set()) - pods:
+            self.pooler_waiting.remove(*key, stale_pod)
+            self.pooler_max_wait.remove(*key, stale_pod)
+        self._pooler_series[key] = pods
 
     def cycle_failed(self, key: tuple[str, str], reason: str) -> None:
         self.cycle_failures.labels(*key, reason).inc()
@@ -144,5 +195,10 @@ class OperatorMetrics:
             self.cycle_failures,
             self.last_success,
             self.ready,
+            self.workload_connections,
+            self.pooler_waiting,
+            self.pooler_max_wait,
         ):
             metric.remove_by_labels(dict(zip(POLICY_LABELS, key, strict=True)))
+        self._workload_series.pop(key, None)
+        self._pooler_series.pop(key, None)

@@ -232,6 +232,9 @@ class IniAuth:
     auth_user: str | None = None
     auth_query: str | None = None
     auth_dbname: str | None = None
+    # Roles that may run SHOW commands on the admin console (read-only): the operator reads
+    # SHOW CLIENTS / SERVERS / POOLS as one of them to see the applications behind the pooler.
+    stats_users: tuple[str, ...] = ()
 
 
 def pgbouncer_ini(
@@ -280,7 +283,7 @@ def pgbouncer_ini(
     auth = auth or IniAuth()
     if auth.auth_dbname is not None and version < SETTING_SINCE["auth_dbname"]:
         raise ValueError(f"auth_dbname needs PgBouncer 1.20 or later, not {version}")
-    for name in (*(users or {}), *([auth.auth_user] if auth.auth_user else [])):
+    for name in (*(users or {}), *([auth.auth_user] if auth.auth_user else []), *auth.stats_users):
         if not is_ini_key(name):
             raise ValueError(f"user name {name!r} cannot be a pgbouncer.ini key")
     lines = ["; PgBouncer config — /etc/pgbouncer/pgbouncer.ini (sized by pgrelief)"]
@@ -336,6 +339,8 @@ def pgbouncer_ini(
         access.append(("auth_query", auth.auth_query))
     if auth.auth_dbname is not None:
         access.append(("auth_dbname", auth.auth_dbname))
+    if auth.stats_users:
+        access.append(("stats_users", ",".join(auth.stats_users)))
     blocks: list[tuple[str | None, list[tuple[str, object]]]] = [(None, listen + access)]
     if server_tls_sslmode is not None:
         tls: list[tuple[str, object]] = [("server_tls_sslmode", server_tls_sslmode)]

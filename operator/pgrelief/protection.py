@@ -31,6 +31,7 @@ ROLE = "role"
 APPLICATION = "application"
 DATABASE = "database"
 NETWORK = "network"
+WORKLOAD = "workload"
 LISTENER = "listener"
 
 
@@ -44,6 +45,7 @@ class Protect:
     applications: frozenset[str] = frozenset()
     databases: frozenset[str] = frozenset()
     networks: tuple[Network, ...] = ()
+    workloads: tuple[tuple[str, str, str], ...] = ()  # (kind, namespace, name or glob)
 
 
 RUN_DEFAULTS = Protect()
@@ -85,8 +87,38 @@ def protection(
     network = covering_network(session.client_addr, protect.networks)
     if network is not None:
         return Spared(NETWORK, f"protected client address {session.client_addr} (in {network})")
+    if protect.workloads:
+        spared = _protected_workload(session, snapshot, protect.workloads)
+        if spared is not None:
+            return spared
     if protect.listeners and session.is_listener:
         return Spared(LISTENER, "LISTEN session (protect.listeners)")
+    return None
+
+
+def _protected_workload(
+    session: Session, snapshot: Snapshot, selectors: Sequence[tuple[str, str, str]]
+) -> Spared | None:
+    """Spared when the session comes, or may come, from a protected workload; every session
+    is when nobody could say where sessions come from (a protection never lapses silently)."""
+    attribution = snapshot.attribution
+    if attribution is None:
+        return Spared(
+            WORKLOAD,
+            "protect.workloads is set but sessions are not placed on workloads (no pod index)",
+        )
+    origin = attribution.origins.get(session.pid)
+    if origin is None:
+        return None
+    if origin.workload is not None:
+        if any(origin.workload.matches(*selector) for selector in selectors):
+            return Spared(WORKLOAD, f"protected workload {origin.workload.label}")
+        return None
+    for possible in origin.possible:
+        if any(possible.matches(*selector) for selector in selectors):
+            return Spared(
+                WORKLOAD, f"may come from protected workload {possible.label} ({origin.why})"
+            )
     return None
 
 
@@ -116,9 +148,10 @@ def covering_network(address: str | None, networks: Sequence[Network]) -> Networ
 
 
 # What protection() reads of a session, but its pid (which matters only for pgrelief's own
-# session, handled apart), under a given Protect: an empty list of roles, applications,
-# databases or networks reads nothing. A rule that reads another attribute must be added
-# here, or protections() would reuse a verdict for sessions the rule tells apart.
+# session, handled apart, and for workload protections, which then add it), under a given
+# Protect: an empty list of roles, applications, databases, networks or workloads reads
+# nothing. A rule that reads another attribute must be added here, or protections() would
+# reuse a verdict for sessions the rule tells apart.
 def _key_for(protect: Protect, snapshot: Snapshot) -> attrgetter[tuple[object, ...]]:
     wanted = ["backend_type"]
     if protect.superusers:
@@ -133,6 +166,8 @@ def _key_for(protect: Protect, snapshot: Snapshot) -> attrgetter[tuple[object, .
         wanted.append("datname")
     if protect.networks:
         wanted.append("client_addr")
+    if protect.workloads:  # the workload is the session's own, looked up by pid
+        wanted.append("pid")
     if protect.listeners:
         wanted.append("query")
     # Two names at least, so the getter returns tuples whatever the protections.

@@ -11,6 +11,7 @@ unchanged, so both outputs always agree.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import IO
 
 from rich.console import Console, Group
@@ -28,6 +29,7 @@ from pgrelief.diagnosis import (
     Fix,
     Severity,
     Verdict,
+    WorkloadGroup,
 )
 from pgrelief.diagnosis import Group as BreakdownGroup
 from pgrelief.durations import human_age
@@ -194,10 +196,15 @@ def _breakdown_tables(diagnosis: Diagnosis) -> Group:
         _group_table("By application", breakdown.by_application),
         _group_table("By client address", breakdown.by_client_addr),
         _group_table("By database", breakdown.by_database),
+        *(
+            [_group_table(f"By workload ({diagnosis.attribution_scope})", breakdown.by_workload)]
+            if diagnosis.attribution_scope is not None
+            else []
+        ),
     )
 
 
-def _group_table(title: str, groups: tuple[BreakdownGroup, ...]) -> Table:
+def _group_table(title: str, groups: Sequence[BreakdownGroup | WorkloadGroup]) -> Table:
     table = Table(title=title, title_justify="left", expand=False)
     table.add_column("key")
     table.add_column("total", justify="right")

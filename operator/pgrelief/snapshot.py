@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from pgrelief.workloads import Attribution
+
 CLIENT_BACKEND = "client backend"
 
 # PostgreSQL's names for pg_stat_activity.state: they are the JSON keys of by_state too.
@@ -229,6 +231,9 @@ class Snapshot:
     databases: Mapping[str, DatabaseInfo] = field(default_factory=dict)
     own_pid: int | None = None
     source: str = "live"
+    # Which workload each session comes from, when the cluster could be asked (the operator's
+    # pod index, diagnose --kube); None: not asked, or not available.
+    attribution: Attribution | None = None
 
     @property
     def client_sessions(self) -> list[Session]:

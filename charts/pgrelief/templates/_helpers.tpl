@@ -83,6 +83,9 @@ tests/kube/test_chart_rbac.py runs it under exactly these rules and fails on any
   resources: [{{ if .Values.watch.allNamespaces }}clusterkopfpeerings{{ else }}kopfpeerings{{ end }}]
   verbs: [list, watch, patch]
 {{- end }}
+{{- if .Values.attribution.enabled }}
+{{ include "pgrelief.podIndexRules" . }}
+{{- end }}
 {{- if .Values.rbac.pgbouncer }}
 # spec.pgbouncer: the pooler's Deployment, ConfigMap, Service and PodDisruptionBudget,
 # server-side applied (patch, and create when new), read, watched and deleted.
@@ -95,6 +98,51 @@ tests/kube/test_chart_rbac.py runs it under exactly these rules and fails on any
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
+{{- end }}
+{{- end }}
+
+{{/*
+The pod index (attribution): Pods by IP, and the owners of ReplicaSets (their Deployment) and
+Jobs (their CronJob), listed then watched. Read-only; Secrets and Pod specs are not needed.
+*/}}
+{{- define "pgrelief.podIndexRules" -}}
+# The pod index: which workload each session's client address belongs to.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [list, watch]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [list, watch]
+{{- end }}
+
+{{/*
+Where the pod index reads beyond the watched namespaces: the pod index rules, and Events on
+the workloads there whose sessions were terminated.
+*/}}
+{{- define "pgrelief.attributionRules" -}}
+{{ include "pgrelief.podIndexRules" . }}
+{{- if .Values.attribution.workloadEvents }}
+# One Event per cycle on each workload whose sessions were terminated (created, then its
+# count patched).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
+{{- end }}
+
+{{/*
+The namespaces indexed for attribution besides the watched ones (attribution.namespaces),
+one a line; each gets a Role of the pod index rules and Events on its workloads.
+*/}}
+{{- define "pgrelief.attributionNamespaces" -}}
+{{- $watched := include "pgrelief.namespaces" . | trim | splitList "\n" }}
+{{- range .Values.attribution.namespaces | uniq }}
+{{- if not (has . $watched) }}
+{{ . }}
+{{- end }}
 {{- end }}
 {{- end }}
 

@@ -198,7 +198,7 @@ def _free_port() -> int:
 class EmbeddedPostgres:
     """One throwaway server: ``with EmbeddedPostgres(max_connections=25) as pg: ... pg.dsn()``.
 
-    Authentication is ``trust`` on the socket and on 127.0.0.1, except for roles created with a
+    Authentication is ``trust`` on the socket and on loopback, except for roles created with a
     password through ``create_role``: those must use SCRAM over TCP, so a bad password can be
     tested. ``reserved_connections`` only exists on PostgreSQL 16+; on older servers it is
     ignored and ``reserved_connections`` reads 0.
@@ -465,10 +465,11 @@ class EmbeddedPostgres:
             for name, value in settings.items():
                 out.write(f"{name} = {_conf_value(value)}\n")
         # First match wins: password roles must prove it over TCP, everyone else is trusted.
+        # All of loopback: tests play Pods by connecting from 127.x.y.z source addresses.
         (self.data_dir / "pg_hba.conf").write_text(
             "local all all trust\n"
-            f"host all +{PASSWORD_GROUP} 127.0.0.1/32 scram-sha-256\n"
-            "host all all 127.0.0.1/32 trust\n",
+            f"host all +{PASSWORD_GROUP} 127.0.0.0/8 scram-sha-256\n"
+            "host all all 127.0.0.0/8 trust\n",
             encoding="utf-8",
         )
 

@@ -7,7 +7,8 @@ private mount namespace so the host's /etc and /run are untouched, and runs the 
 own command (``/bin/sh -c <start script>``) with its environment, as an unprivileged user,
 with no new privileges and the open-files limits a container runtime would give. Only two
 lines of the ini change: ``listen_addr`` and ``listen_port``, because a pod listens on every
-address of its own network namespace while a test may listen on loopback only, on a free port.
+address of its own network namespace while a test may listen on loopback only, on a free port
+(or, playing a Pod whose IP is 127.x.y.z, on that address and the pod's own port).
 
 ``LocalPgBouncer.plain`` runs any other ini (the domain reference's example) the same way.
 Needs root (for the mount namespace) and util-linux (unshare, prlimit, setpriv).
@@ -76,10 +77,10 @@ def free_port() -> int:
         return port
 
 
-def local_ini(ini: str, port: int) -> str:
-    """``ini`` listening on 127.0.0.1:``port`` instead of the pod's address; nothing else."""
+def local_ini(ini: str, port: int, address: str = "127.0.0.1") -> str:
+    """``ini`` listening on ``address``:``port`` instead of the pod's address; nothing else."""
     changed = ini
-    for key, value in (("listen_addr", "127.0.0.1"), ("listen_port", str(port))):
+    for key, value in (("listen_addr", address), ("listen_port", str(port))):
         changed, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", changed, flags=re.M)
         if count != 1:
             raise PgBouncerError(f"the ini has {count} {key} lines, expected one")
@@ -106,6 +107,7 @@ class LocalPgBouncer:
         env: Mapping[str, str] | None = None,
         nofile: tuple[int, int] | None = None,
         port: int | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
         if os.geteuid() != 0:
             raise PgBouncerError("running pgbouncer as a pod needs root (a mount namespace)")
@@ -118,6 +120,7 @@ class LocalPgBouncer:
         self.env = dict(env or {})
         self.nofile = nofile
         self.port = port or free_port()
+        self.address = address
         self._base: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -129,14 +132,16 @@ class LocalPgBouncer:
         *,
         secrets: Mapping[tuple[str, str], str] | None = None,
         nofile: tuple[int, int] | None = None,
+        listen: tuple[str, int] | None = None,
     ) -> LocalPgBouncer:
         """The pod of ``deployment``: its projected/emptyDir volumes, command and environment.
 
-        ``secrets`` maps (Secret name, key) to the value the cluster would hold.
+        ``secrets`` maps (Secret name, key) to the value the cluster would hold; ``listen``
+        is (address, port) to listen on (default: 127.0.0.1 and a free port).
         """
         secrets = secrets or {}
         data = dict(config_map["data"])
-        port = free_port()
+        address, port = listen or ("127.0.0.1", free_port())
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
@@ -149,7 +154,7 @@ class LocalPgBouncer:
                     if source["configMap"]["name"] != config_map["metadata"]["name"]:
                         raise PgBouncerError("the pod mounts a ConfigMap we were not given")
                     for item in source["configMap"]["items"]:
-                        files[item["path"]] = local_ini(data[item["key"]], port)
+                        files[item["path"]] = local_ini(data[item["key"]], port, address)
                 if "secret" in source:
                     name = source["secret"]["name"]
                     for item in source["secret"]["items"]:
@@ -164,7 +169,7 @@ class LocalPgBouncer:
             else:
                 ref = variable["valueFrom"]["secretKeyRef"]
                 env[variable["name"]] = secrets[(ref["name"], ref["key"])]
-        return cls(container["command"], mounts, env=env, nofile=nofile, port=port)
+        return cls(container["command"], mounts, env=env, nofile=nofile, port=port, address=address)
 
     @classmethod
     def plain(
@@ -287,7 +292,7 @@ class LocalPgBouncer:
                 raise PgBouncerError(f"pgbouncer exited: {self.log().strip()[-2000:]}")
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
+                socket.create_connection((self.address, self.port), 0.2),
             ):
                 return
             time.sleep(0.05)

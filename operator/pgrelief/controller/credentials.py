@@ -48,12 +48,28 @@ def policy_conninfo(kube: Kube, policy: ConnectionPolicy) -> str:
     return make_conninfo("", **params)
 
 
-def _value(data: dict[str, str], key: str, namespace: str, name: str) -> str:
+def _value(
+    data: dict[str, str],
+    key: str,
+    namespace: str,
+    name: str,
+    field: str = "spec.postgres.credentialsSecret",
+) -> str:
     encoded = data.get(key)
     where = f"Secret {namespace}/{name}"
     if encoded is None:
-        raise CredentialsError(f"{where} has no key {key!r} (spec.postgres.credentialsSecret)")
+        raise CredentialsError(f"{where} has no key {key!r} ({field})")
     try:
         return base64.b64decode(encoded, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         raise CredentialsError(f"{where}: the value of {key!r} is not UTF-8 text") from None
+
+
+def secret_value(kube: Kube, namespace: str, name: str, key: str, field: str) -> str:
+    """One key of a Secret, decoded (CredentialsError naming the Secret and the policy field
+    that names it, never the value)."""
+    try:
+        data = kube.read_secret_data(namespace, name)
+    except NotFoundError:
+        raise CredentialsError(f"Secret {namespace}/{name} ({field}) does not exist") from None
+    return _value(data, key, namespace, name, field)

@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgrelief.controller.kube import Kube, KubeError
-from pgrelief.manifests.events import EventNote, event_manifest, event_name
+from pgrelief.manifests.events import EventNote, event_manifest, event_name, workload_ref
+from pgrelief.workloads import Workload
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +92,26 @@ class EventRecorder:
         if len(self._recent) > _REMEMBERED:
             oldest = min(self._recent, key=lambda key: self._recent[key].last)
             del self._recent[oldest]
+
+
+class WorkloadEvents:
+    """One policy's Events on the workloads whose sessions it terminated (``kubectl describe
+    deployment``): a recorder per workload, so repeats fold there too; the least recently
+    used are forgotten beyond ``_REMEMBERED``."""
+
+    def __init__(self, kube: Kube, instance: str) -> None:
+        self.kube = kube
+        self.instance = instance
+        self._recorders: dict[Workload, EventRecorder] = {}
+
+    def record(
+        self, notes: Iterable[tuple[Workload, EventNote]], *, now: datetime | None = None
+    ) -> None:
+        for workload, note in notes:
+            recorder = self._recorders.pop(workload, None) or EventRecorder(
+                self.kube, workload_ref(workload), self.instance
+            )
+            self._recorders[workload] = recorder  # most recently used last
+            recorder.record([note], now=now)
+        while len(self._recorders) > _REMEMBERED:
+            del self._recorders[next(iter(self._recorders))]

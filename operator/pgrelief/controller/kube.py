@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 from pgrelief.errors import PgreliefError
 from pgrelief.policy import API_GROUP, API_VERSION
@@ -128,6 +130,73 @@ class Kube:
         except ApiException as error:
             if error.status != 404:
                 raise _error(f"deleting {kind} {namespace}/{name}", error) from None
+
+    # ---- what sessions come from: Pods and their owners (attribution) -------------------
+    def list_page(
+        self, kind: str, namespace: str | None, *, limit: int, continue_token: str | None = None
+    ) -> dict[str, Any]:
+        """One page of a list of ``kind`` (Pod, ReplicaSet, Job) in ``namespace`` (None: all),
+        as the raw JSON: ``items``, ``metadata.resourceVersion`` and ``.continue``."""
+        call = _watched(self.api, kind, namespace)
+        where = f"in {namespace}" if namespace else "in all namespaces"
+        extra = {"_continue": continue_token} if continue_token else {}
+        try:
+            response = call(limit=limit, _preload_content=False, **extra)
+        except ApiException as error:
+            raise _error(f"listing {kind}s {where}", error) from None
+        return _json(response)
+
+    def watch(
+        self, kind: str, namespace: str | None, resource_version: str, timeout_s: int
+    ) -> Iterator[dict[str, Any]]:
+        """The changes to ``kind`` after ``resource_version``, one event dict each, until the
+        server ends the stream (``timeout_s``). An expired version raises ``WatchExpiredError``."""
+        call = _watched(self.api, kind, namespace)
+        where = f"in {namespace}" if namespace else "in all namespaces"
+        try:
+            response = call(
+                watch=True,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout_s,
+                _preload_content=False,
+                _request_timeout=(30, timeout_s + 30),
+            )
+        except ApiException as error:
+            if error.status == 410:
+                raise WatchExpiredError(f"watching {kind}s {where}", error) from None
+            raise _error(f"watching {kind}s {where}", error) from None
+        try:
+            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                event: dict[str, Any] = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    problem = ApiException(status=status.get("code"), reason=status.get("reason"))
+                    if status.get("code") == 410:
+                        raise WatchExpiredError(f"watching {kind}s {where}", problem)
+                    raise KubeError(f"watching {kind}s {where}", problem)
+                yield event
+        finally:
+            response.release_conn()
+
+
+class WatchExpiredError(KubeError):
+    """The resourceVersion a watch started from is too old (HTTP 410): list again."""
+
+
+_WATCHED: dict[str, tuple[type[Any], str]] = {
+    "Pod": (client.CoreV1Api, "pod"),
+    "ReplicaSet": (client.AppsV1Api, "replica_set"),
+    "Job": (client.BatchV1Api, "job"),
+}
+
+
+def _watched(api: client.ApiClient, kind: str, namespace: str | None) -> Any:
+    api_class, suffix = _WATCHED[kind]
+    if namespace is None:
+        return getattr(api_class(api), f"list_{suffix}_for_all_namespaces")
+    method = getattr(api_class(api), f"list_namespaced_{suffix}")
+    return lambda **kwargs: method(namespace, **kwargs)
 
 
 FIELD_MANAGER = "pgrelief"

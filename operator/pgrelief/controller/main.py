@@ -20,6 +20,7 @@ from pathlib import Path
 import kopf
 
 from pgrelief.audit import AuditLog
+from pgrelief.controller.attribution import AttributionSettings, Attributor
 from pgrelief.controller.handlers import register
 from pgrelief.controller.kube import Kube, api_client
 from pgrelief.controller.worker import OperatorContext
@@ -62,6 +63,7 @@ def run_operator(
     workers: int,
     instance: str,
     verbose: bool,
+    attribution: AttributionSettings | None = None,
 ) -> None:
     """Run the operator until SIGTERM/SIGINT."""
     kopf.configure(
@@ -70,12 +72,17 @@ def run_operator(
     )
     audit = AuditLog(path=audit_file, stream=sys.stdout)
     audit.check()
+    kube = Kube(api_client(pool_size=workers + 4 + _watch_connections(attribution)))
+    attributor = None
+    if attribution is not None and attribution.enabled:
+        attributor = Attributor(kube, attribution).start()
     context = OperatorContext(
-        kube=Kube(api_client(pool_size=workers + 4)),
+        kube=kube,
         executor=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgrelief-cycle"),
         metrics=OperatorMetrics(),
         audit=audit,
         instance=instance,
+        attributor=attributor,
     )
     if metrics_port is not None:
         context.metrics.serve(metrics_port)
@@ -93,3 +100,10 @@ def run_operator(
         liveness_endpoint=liveness,
         memo=kopf.Memo(context=context),
     )
+
+
+def _watch_connections(attribution: AttributionSettings | None) -> int:
+    """The pod index holds one streaming connection per watched kind and namespace."""
+    if attribution is None or not attribution.enabled:
+        return 0
+    return 3 * (1 if attribution.namespaces is None else len(attribution.namespaces))

@@ -28,6 +28,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgrelief.audit import AuditSink
 from pgrelief.connection import ManagedConnection
+from pgrelief.controller.attribution import Attributor, PolicyAttribution
 from pgrelief.controller.credentials import CredentialsError, policy_conninfo
 from pgrelief.controller.events import EventRecorder
 from pgrelief.controller.kube import Kube, KubeError
@@ -69,6 +70,7 @@ class OperatorContext:
     audit: AuditSink
     instance: str
     workers: dict[tuple[str, str], PolicyWorker] = field(default_factory=dict)
+    attributor: Attributor | None = None  # None: sessions are not placed on workloads
 
 
 class PolicyWorker:
@@ -88,6 +90,11 @@ class PolicyWorker:
         self.store = StatusStore(context.kube, self.namespace, self.name, status_of(raw))
         self.pgbouncer = PgBouncerReconciler(
             context.kube, Owner(self.name, self.namespace, meta.get("uid") or "")
+        )
+        self.attribution = (
+            PolicyAttribution(context.attributor, context.kube, context.instance)
+            if context.attributor is not None
+            else None
         )
         self.nudged = False  # something pgrelief manages changed: look again soon
         self._pgbouncer_problem: str | None = None
@@ -118,6 +125,8 @@ class PolicyWorker:
             self.finished.set()
 
     def close(self) -> None:
+        if self.attribution is not None:
+            self.attribution.close()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -182,8 +191,15 @@ class PolicyWorker:
             self._connection_key = key
         if self._cycle is None:
             self._cycle = Cycle(policy, self.store, self.context.audit)
+            if self.attribution is not None:
+                enrich = self.attribution.enrich
+                self._cycle.enrich = lambda snapshot: enrich(snapshot, self._current_policy())
         self._cycle.policy = policy
         return self._cycle
+
+    def _current_policy(self) -> ConnectionPolicy:
+        assert self._policy is not None
+        return self._policy
 
     def _conninfo(self) -> str:
         assert self._policy is not None
@@ -196,7 +212,9 @@ class PolicyWorker:
         self.cycles += 1
         diagnosis = report.before
         announcements = self._recovered()
-        announcements += notes.cycle_notes(report.records)
+        attribution = report.snapshot.attribution if report.snapshot is not None else None
+        origins = attribution.origins if attribution is not None else None
+        announcements += notes.cycle_notes(report.records, origins=origins)
         summary = (
             f"{diagnosis.totals.client_backends}/"
             f"{diagnosis.server.usable_slots if diagnosis.server else '?'} usable slots in use"
@@ -231,6 +249,8 @@ class PolicyWorker:
         announcements += pgbouncer_notes
         self._write(wanted.model_copy(update={"conditions": conditions(wanted)}), now)
         self.events.record(announcements, now=now)
+        if self.attribution is not None:
+            self.attribution.announce(report, f"{self.namespace}/{self.name}", now)
         self.context.metrics.cycle_done(self.key, diagnosis, report.records, took, now)
 
     def _reconcile_pgbouncer(

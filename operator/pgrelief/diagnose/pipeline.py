@@ -8,6 +8,7 @@ The verdict comes last: it picks the answer from the findings.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 
 from pgrelief.diagnose._counting import count
 from pgrelief.diagnose.load import monopoly, traffic_spike
@@ -19,6 +20,7 @@ from pgrelief.diagnose.reserved import reserved_access
 from pgrelief.diagnose.saturation import connection_limits, saturation
 from pgrelief.diagnose.sessions import idle_in_transaction, leaked_idle, long_running
 from pgrelief.diagnose.verdict import verdict
+from pgrelief.diagnose.workloads import by_workload, pooler_summaries, pooler_waiting
 from pgrelief.diagnosis import (
     IDLE_IN_TRANSACTION,
     LEAKED_IDLE,
@@ -26,6 +28,7 @@ from pgrelief.diagnosis import (
     LONG_RUNNING,
     MEMORY_OVERCOMMIT,
     NO_POOLER,
+    POOLER_WAITING,
     RESERVED_ACCESS,
     ROLE_MONOPOLY,
     SATURATION,
@@ -33,6 +36,7 @@ from pgrelief.diagnosis import (
     Diagnosis,
     Finding,
     ServerSummary,
+    Severity,
     Totals,
 )
 from pgrelief.snapshot import Snapshot
@@ -40,6 +44,7 @@ from pgrelief.snapshot import Snapshot
 _KIND_ORDER = (
     SATURATION,
     LOCK_BLOCKER,
+    POOLER_WAITING,
     IDLE_IN_TRANSACTION,
     LEAKED_IDLE,
     LONG_RUNNING,
@@ -75,6 +80,7 @@ def _diagnose(snapshot: Snapshot, options: DiagnoseOptions) -> Diagnosis:
     findings.extend(saturation(context))
     findings.extend(connection_limits(context))
     findings.extend(lock_blockers(context))
+    findings.extend(pooler_waiting(context))
     findings.extend(idle_in_transaction(context))
     findings.extend(leaked_idle(context))
     findings.extend(long_running(context))
@@ -85,9 +91,15 @@ def _diagnose(snapshot: Snapshot, options: DiagnoseOptions) -> Diagnosis:
     findings.extend(reserved_access(context))
     findings.sort(key=lambda f: (-int(f.severity), _KIND_ORDER.index(f.kind)))
     status = max([context.pressure, *(f.severity for f in findings)])
+    # Clients queueing in PgBouncer are pressure even while the server has slots to spare.
+    pressure = context.pressure
+    waiting = next((f for f in findings if f.kind == POOLER_WAITING), None)
+    if waiting is not None and pressure != Severity.UNKNOWN:
+        pressure = max(pressure, waiting.severity)
+    attribution = snapshot.attribution
     return Diagnosis(
         status=status,
-        pressure=context.pressure,
+        pressure=pressure,
         server=ServerSummary(
             version_num=facts.version_num,
             max_connections=facts.max_connections,
@@ -102,9 +114,11 @@ def _diagnose(snapshot: Snapshot, options: DiagnoseOptions) -> Diagnosis:
             by_state=context.by_state,
             other_backends=context.others,
         ),
-        breakdown=context.breakdown,
+        breakdown=replace(context.breakdown, by_workload=by_workload(context)),
         findings=tuple(findings),
         source=snapshot.source,
         taken_at=snapshot.taken_at.isoformat(),
         verdict=verdict(context, findings, status),
+        attribution_scope=attribution.scope if attribution is not None else None,
+        poolers=pooler_summaries(attribution),
     )

@@ -28,6 +28,7 @@ from pgrelief.diagnose._shared import (
 from pgrelief.diagnose.hints import threshold_hints
 from pgrelief.diagnose.locks import blocking
 from pgrelief.diagnose.saturation import limits_hit
+from pgrelief.diagnose.workloads import workloads_text
 from pgrelief.diagnosis import (
     DURABLE_SQL,
     EMERGENCY_SQL,
@@ -155,9 +156,12 @@ def _holder_lines(context: Context, holders: list[Session]) -> list[str]:
     lock_pids = set(found.holder)
     if lock_pids:
         rest = [s for s in holders if s.pid not in lock_pids]
-        in_tx_buckets = bucketed([s for s in rest if s.state != IDLE], _USER_APP, HOLDER_LINES)
-        idle_buckets = bucketed([s for s in rest if s.state == IDLE], _APP_ADDR, HOLDER_LINES)
+        in_tx = [s for s in rest if s.state != IDLE]
+        idle = [s for s in rest if s.state == IDLE]
+        in_tx_buckets = bucketed(in_tx, _USER_APP, HOLDER_LINES)
+        idle_buckets = bucketed(idle, _APP_ADDR, HOLDER_LINES)
     else:  # every candidate: the findings' own groups
+        in_tx, idle = context.idle_in_tx, context.leaked
         in_tx_buckets = buckets_of(context, "idle_in_tx")
         idle_buckets = buckets_of(context, "leaked")
     # Only the biggest groups are worded: there may be thousands.
@@ -167,7 +171,13 @@ def _holder_lines(context: Context, holders: list[Session]) -> list[str]:
         key=lambda g: -g[0],
     )
     for _count, in_transaction, bucket in ranked[:HOLDER_LINES]:
-        lines.append(_group_line(context, bucket, in_transaction=in_transaction))
+        line = _group_line(context, bucket, in_transaction=in_transaction)
+        origins = context.snapshot.attribution
+        if origins is not None:  # the workload column: who to call
+            key_of = _USER_APP if in_transaction else _APP_ADDR
+            members = [s for s in (in_tx if in_transaction else idle) if key_of(s) == bucket.key]
+            line += f"; {workloads_text(members, origins.origins)}"
+        lines.append(line)
     others = len(in_tx_buckets) + len(idle_buckets) - min(len(ranked), HOLDER_LINES)
     if others > 0:
         grouped = sum(b.count for b in in_tx_buckets) + sum(b.count for b in idle_buckets)

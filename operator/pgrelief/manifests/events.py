@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pgrelief.audit import AuditRecord
 from pgrelief.durations import human_age
 from pgrelief.policy import API_VERSION_FULL, KIND
+from pgrelief.workloads import Origin, Workload
 
 PER_CYCLE_LIMIT = 10
 COMPONENT = "pgrelief-operator"
@@ -71,24 +72,33 @@ class EventNote:
         ).hexdigest()[:16]
 
 
-def cycle_notes(records: Sequence[AuditRecord], *, limit: int = PER_CYCLE_LIMIT) -> list[EventNote]:
-    """The Events a cycle's audit records deserve: bounded per-session ones, plus a summary."""
+def cycle_notes(
+    records: Sequence[AuditRecord],
+    *,
+    limit: int = PER_CYCLE_LIMIT,
+    origins: Mapping[int, Origin] | None = None,
+) -> list[EventNote]:
+    """The Events a cycle's audit records deserve: bounded per-session ones, plus a summary.
+
+    With ``origins`` (the snapshot's attribution), each names the workload its session came
+    from, and the summary counts them by workload.
+    """
     notes: list[EventNote] = []
     sessions = [r for r in records if r.action in _ACTION_VERB and r.outcome != "intent"]
     terminated = [r for r in sessions if r.outcome == "done"]
-    dry = [r for r in sessions if r.outcome == "skipped" and r.dry_run]
+    dry = [r for r in sessions if r.planned]
     failed = [r for r in records if r.outcome == "failed"]
     for record in (terminated + dry)[:limit]:
-        notes.append(_session_note(record))
+        notes.append(_session_note(record, _origin(record, origins)))
     shown = min(len(terminated) + len(dry), limit)
     if len(terminated) + len(dry) > shown:
-        notes.append(_summary(terminated, dry, shown))
+        notes.append(_summary(terminated, dry, shown, origins))
     for record in records:
         if record.action in _APPLIED and record.outcome == "done":
             notes.append(
                 EventNote(_APPLIED[record.action], "Normal", _describe_change(record), "Alter")
             )
-        elif record.action in _APPLIED and record.outcome == "skipped" and record.dry_run:
+        elif record.action in _APPLIED and record.planned:
             message = f"would apply (DryRun): {_describe_change(record)}"
             notes.append(EventNote(WOULD_APPLY, "Normal", message, "Alter"))
     for record in failed[:limit]:
@@ -123,15 +133,16 @@ def event_manifest(
     last: datetime,
     instance: str,
 ) -> dict[str, Any]:
-    """A core/v1 Event about ``policy`` (its metadata: name, namespace, uid)."""
+    """A core/v1 Event about ``policy`` (its metadata: name, namespace, uid), or about
+    another object when the mapping also says its ``apiVersion`` and ``kind`` (a workload)."""
     meta = policy
     return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"name": name, "namespace": meta["namespace"]},
         "involvedObject": {
-            "apiVersion": API_VERSION_FULL,
-            "kind": KIND,
+            "apiVersion": meta.get("apiVersion") or API_VERSION_FULL,
+            "kind": meta.get("kind") or KIND,
             "name": meta["name"],
             "namespace": meta["namespace"],
             "uid": meta.get("uid"),
@@ -155,7 +166,7 @@ def event_name(policy_name: str, note: EventNote, first: datetime) -> str:
     return f"{policy_name}.{note.key}{int(first.timestamp() * 1000):x}"[:253]
 
 
-def _session_note(record: AuditRecord) -> EventNote:
+def _session_note(record: AuditRecord, origin: Origin | None = None) -> EventNote:
     evidence = record.evidence
     who = ", ".join(
         f"{label} {value}"
@@ -164,6 +175,7 @@ def _session_note(record: AuditRecord) -> EventNote:
             ("application", repr(evidence.get("application_name") or "")),
             ("client", evidence.get("client_addr") or "local socket"),
             ("database", evidence.get("datname")),
+            ("from", _origin_text(origin) if origin is not None else None),
         )
         if value is not None
     )
@@ -179,18 +191,110 @@ def _session_note(record: AuditRecord) -> EventNote:
 
 
 def _summary(
-    terminated: Sequence[AuditRecord], dry: Sequence[AuditRecord], shown: int
+    terminated: Sequence[AuditRecord],
+    dry: Sequence[AuditRecord],
+    shown: int,
+    origins: Mapping[int, Origin] | None = None,
 ) -> EventNote:
     records = [*terminated, *dry]
     rules = Counter(str(r.evidence.get("rule") or r.action) for r in records)
     by_rule = ", ".join(f"{rule} {count}" for rule, count in rules.most_common())
     done = f"terminated {len(terminated)}" if terminated else ""
     would = f"would terminate {len(dry)} (DryRun)" if dry else ""
+    by_workload = ""
+    if origins is not None:
+        groups = Counter(
+            (_workload_label(_origin(r, origins)), str(r.evidence.get("state") or "?"))
+            for r in records
+        )
+        parts = [
+            f"{count} {state.replace(' ', '-')} session(s) from {label}"
+            for (label, state), count in groups.most_common(PER_CYCLE_LIMIT)
+        ]
+        by_workload = "; " + ", ".join(parts) if parts else ""
     message = (
-        f"{' and '.join(x for x in (done, would) if x)} sessions this cycle ({by_rule}); "
-        f"{shown} are separate Events, the operator's audit log has every one"
+        f"{' and '.join(x for x in (done, would) if x)} sessions this cycle ({by_rule})"
+        f"{by_workload}; {shown} are separate Events, the operator's audit log has every one"
     )
     return EventNote(BACKENDS_TERMINATED, "Normal", message, "Terminate")
+
+
+def workload_notes(
+    records: Sequence[AuditRecord],
+    origins: Mapping[int, Origin],
+    *,
+    policy: str,
+    limit: int = PER_CYCLE_LIMIT,
+) -> list[tuple[Workload, EventNote]]:
+    """One Event per workload whose sessions a cycle terminated (or, DryRun, would have), to
+    post on the workload itself: what its team sees in ``kubectl describe deployment``."""
+    sessions = [
+        r for r in records if r.action in _ACTION_VERB and (r.outcome == "done" or r.planned)
+    ]
+    by_workload: dict[Workload, list[AuditRecord]] = {}
+    for record in sessions:
+        origin = _origin(record, origins)
+        if origin is not None and origin.workload is not None:
+            by_workload.setdefault(origin.workload, []).append(record)
+    ranked = sorted(by_workload.items(), key=lambda item: (-len(item[1]), item[0].label))
+    return [
+        (workload, _workload_note(workload, group, policy)) for workload, group in ranked[:limit]
+    ]
+
+
+def _workload_note(workload: Workload, records: Sequence[AuditRecord], policy: str) -> EventNote:
+    # No ages in the text: the same sessions seen again fold into one Event's count.
+    dry = all(r.outcome != "done" for r in records)
+    states = Counter(str(r.evidence.get("state") or "?") for r in records)
+    databases = sorted({str(r.evidence["datname"]) for r in records if r.evidence.get("datname")})
+    what = ", ".join(f"{n} {state}" for state, n in states.most_common())
+    where = f" to database {', '.join(databases)}" if databases else ""
+    subject = f"{len(records)} leaked connection(s) of this {workload.kind}'s pods{where} ({what})"
+    if dry:
+        message = f"pgrelief would terminate (DryRun) {subject}; ConnectionPolicy {policy}"
+        return EventNote(WOULD_TERMINATE, "Normal", message, "DryRun")
+    message = f"pgrelief terminated {subject}; ConnectionPolicy {policy}"
+    return EventNote(BACKENDS_TERMINATED, "Warning", message, "Terminate")
+
+
+def workload_ref(workload: Workload) -> dict[str, Any]:
+    """The involved object of an Event posted on ``workload`` (``EventRecorder``'s mapping)."""
+    return {
+        "apiVersion": workload.api_version or _API_VERSIONS.get(workload.kind, "v1"),
+        "kind": workload.kind,
+        "name": workload.name,
+        "namespace": workload.namespace,
+        "uid": workload.uid,
+    }
+
+
+_API_VERSIONS = {
+    "Deployment": "apps/v1",
+    "StatefulSet": "apps/v1",
+    "DaemonSet": "apps/v1",
+    "ReplicaSet": "apps/v1",
+    "CronJob": "batch/v1",
+    "Job": "batch/v1",
+}
+
+
+def _origin(record: AuditRecord, origins: Mapping[int, Origin] | None) -> Origin | None:
+    pid = record.evidence.get("pid")
+    if origins is None or not isinstance(pid, int):
+        return None
+    return origins.get(pid)
+
+
+def _workload_label(origin: Origin | None) -> str:
+    return origin.label if origin is not None else "no known workload"
+
+
+def _origin_text(origin: Origin) -> str:
+    if origin.workload is None:
+        return f"unknown workload ({origin.why})" if origin.why else "unknown workload"
+    pod = f" pod {origin.pod}" if origin.pod else ""
+    via = f" via PgBouncer {origin.via}" if origin.via else ""
+    return f"{origin.workload.label}{pod}{via}"
 
 
 def _describe_change(record: AuditRecord) -> str:

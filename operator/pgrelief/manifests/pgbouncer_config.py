@@ -122,6 +122,9 @@ def render_ini(spec: ConnectionPolicySpec, budget: PoolBudget, version: Version)
             auth_user=query.user,
             auth_query=auth_query_text(query),
             auth_dbname=databases[0] if version >= SETTING_SINCE["auth_dbname"] else None,
+            # The lookup role's line is already in the pod's auth_file: the operator reads
+            # the admin console as that role, and no other password reaches the pod.
+            stats_users=(query.user,),
         )
         # One lookup connection per database it runs in, per pod; counted in the budget.
         users: dict[str, dict[str, int | str]] = {

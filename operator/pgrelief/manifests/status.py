@@ -19,9 +19,11 @@ from pgrelief.history import RemediationHistory
 from pgrelief.policy import (
     MAX_RECENT_ACTIONS,
     MAX_STATUS_FINDINGS,
+    MAX_STATUS_WORKLOADS,
     Condition,
     ConnectionPolicyStatus,
     RecentAction,
+    WorkloadConnections,
 )
 
 READY = "Ready"
@@ -36,7 +38,14 @@ _CONDITION_MESSAGE_LIMIT = 8192
 
 # Fields whose change alone is not worth a write before COUNTS_EVERY has passed.
 _COUNTS = frozenset(
-    {"connections", "client_backends", "utilization_percent", "usable_slots", "findings"}
+    {
+        "connections",
+        "client_backends",
+        "utilization_percent",
+        "usable_slots",
+        "findings",
+        "workloads",
+    }
 )
 _ALWAYS_CHANGING = frozenset({"last_diagnosis_time", "conditions"})
 
@@ -106,6 +115,7 @@ def after_cycle(
             f"[{f.severity.finding_label}] {f.kind}: {f.summary}"[:_TEXT_LIMIT]
             for f in diagnosis.findings[:MAX_STATUS_FINDINGS]
         ],
+        workloads=workloads_of(diagnosis),
         last_diagnosis_time=now,
         last_action_time=max((r.ts for r in outcomes), default=previous.last_action_time),
         terminations_last_hour=len(history.for_planning(now).terminations),
@@ -116,6 +126,26 @@ def after_cycle(
         recent_terminations=list(history.terminations),
         originals=originals_of(history),
     )
+
+
+def workloads_of(diagnosis: Diagnosis) -> list[WorkloadConnections] | None:
+    """The workloads holding the most sessions (None: sessions were not placed on Pods)."""
+    if diagnosis.attribution_scope is None:
+        return None
+    return [
+        WorkloadConnections(
+            kind=group.workload.kind,
+            namespace=group.workload.namespace,
+            name=group.workload.name,
+            count=group.count,
+            by_state=dict(group.by_state),
+            oldest_state_age_seconds=(
+                None if group.oldest_state_age_s is None else int(group.oldest_state_age_s)
+            ),
+        )
+        for group in diagnosis.breakdown.by_workload
+        if group.workload is not None
+    ][:MAX_STATUS_WORKLOADS]
 
 
 def with_history(
@@ -189,12 +219,20 @@ def needs_write(
         return True
     if _condition_states(written) != _condition_states(wanted):
         return True
+    if _workload_names(written) != _workload_names(wanted):
+        return True  # a workload appeared or left: news, not a count
     old = written.model_dump(exclude=set(_ALWAYS_CHANGING))
     new = wanted.model_dump(exclude=set(_ALWAYS_CHANGING))
     changed = {key for key in new if new[key] != old.get(key)}
     if changed - _COUNTS:
         return True
     return bool(changed) and since_written >= COUNTS_EVERY
+
+
+def _workload_names(status: ConnectionPolicyStatus) -> set[tuple[str, str, str]] | None:
+    if status.workloads is None:
+        return None
+    return {(w.kind, w.namespace, w.name) for w in status.workloads}
 
 
 def _condition_states(status: ConnectionPolicyStatus) -> set[tuple[str, str, str | None]]:
@@ -236,7 +274,7 @@ def _remediating_condition(
         return with_condition(
             conditions, REMEDIATING, "True", "ActionsTaken", message, generation, now
         )
-    planned = [r for r in outcomes if r.dry_run]
+    planned = [r for r in outcomes if r.planned]
     if planned:
         message = f"DryRun: {len(planned)} action(s) planned, none performed"
         return with_condition(conditions, REMEDIATING, "False", "DryRun", message, generation, now)
@@ -247,7 +285,7 @@ def _remediating_condition(
 
 def _notable(records: Sequence[AuditRecord]) -> list[AuditRecord]:
     # A protected session skipped for the hundredth time is not news; a dry-run plan is.
-    return [r for r in records if r.outcome != "skipped" or r.dry_run]
+    return [r for r in records if r.outcome != "skipped" or r.planned]
 
 
 def _recent(record: AuditRecord) -> RecentAction:

@@ -112,6 +112,7 @@ def protect_of(
         applications=frozenset(protect.applications),
         databases=frozenset(protect.databases),
         networks=tuple(protect.networks() if networks is None else networks),
+        workloads=tuple((w.kind, w.namespace, w.name) for w in protect.workloads),
     )
 
 

@@ -59,13 +59,16 @@ from pgrelief.policy.spec import (
     ProtectSpec,
     RemediationSpec,
     TerminateSpec,
+    WorkloadSelector,
 )
 from pgrelief.policy.status import (
     MAX_RECENT_ACTIONS,
     MAX_STATUS_FINDINGS,
+    MAX_STATUS_WORKLOADS,
     Condition,
     ConnectionPolicyStatus,
     RecentAction,
+    WorkloadConnections,
 )
 
 __all__ = [
@@ -78,6 +81,7 @@ __all__ = [
     "MAX_PGBOUNCER_PARAMETERS",
     "MAX_RECENT_ACTIONS",
     "MAX_STATUS_FINDINGS",
+    "MAX_STATUS_WORKLOADS",
     "RESERVED_PGBOUNCER_KEYS",
     "AuthQuerySpec",
     "BudgetSpec",
@@ -114,6 +118,8 @@ __all__ = [
     "ServerLimits",
     "SslMode",
     "TerminateSpec",
+    "WorkloadConnections",
+    "WorkloadSelector",
     "format_errors",
     "validate_policy",
     "validate_spec",

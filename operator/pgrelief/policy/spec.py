@@ -178,6 +178,35 @@ class BudgetSpec(PolicyModel):
     )
 
 
+class WorkloadSelector(PolicyModel):
+    """A workload: the top owner of the Pods sessions come from (Pod -> ReplicaSet ->
+    Deployment, Pod -> Job -> CronJob, StatefulSet, DaemonSet), as the operator resolves it."""
+
+    kind: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z][A-Za-z0-9]*$",
+        description=(
+            "Kind of the workload: Deployment, StatefulSet, DaemonSet, CronJob, Job, "
+            "ReplicaSet (one no Deployment owns) or Pod (no owner); case-insensitive."
+        ),
+    )
+    namespace: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Namespace of the workload.",
+    )
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description=(
+            "Name of the workload, or a glob pattern (* any characters, ? one, [abc] a set), "
+            "e.g. payments-*."
+        ),
+    )
+
+
 class ProtectSpec(PolicyModel):
     """Sessions pgrelief never terminates, whatever the rules say. Matching is exact
     (case-sensitive, like PostgreSQL names)."""
@@ -206,6 +235,18 @@ class ProtectSpec(PolicyModel):
             "Never terminate sessions whose pg_stat_activity.client_addr is in one of these "
             "networks (CIDR, IPv4 or IPv6). Unix-socket sessions have no address and are not "
             "matched by any CIDR."
+        ),
+    )
+    workloads: list[WorkloadSelector] = Field(
+        default_factory=list,
+        max_length=100,
+        description=(
+            "Never terminate sessions that come from the Pods of these workloads (placed by "
+            "their client address, or through the PgBouncer pgrelief manages, by the "
+            "operator's pod index). A session whose address cannot be blamed on one Pod but "
+            "may come from a listed workload is spared too; while this list is set and Pods "
+            "are not indexed (pgrelief run, or an operator that has not listed them yet), "
+            "every session is spared."
         ),
     )
     superusers: bool = Field(

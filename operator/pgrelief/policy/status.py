@@ -39,6 +39,22 @@ class Condition(PolicyModel):
 
 MAX_RECENT_ACTIONS = 10
 MAX_STATUS_FINDINGS = 5
+MAX_STATUS_WORKLOADS = 10
+
+
+class WorkloadConnections(PolicyModel):
+    """The client sessions of one workload (the top owner of the Pods they come from)."""
+
+    kind: str = Field(description="Deployment, StatefulSet, DaemonSet, CronJob, Job, Pod, ...")
+    namespace: str = Field(description="The workload's namespace.")
+    name: str = Field(description="The workload's name.")
+    count: int = Field(ge=0, description="Its client backends at the last diagnosis.")
+    by_state: dict[str, int] = Field(
+        default_factory=dict, description="Those sessions by pg_stat_activity state."
+    )
+    oldest_state_age_seconds: int | None = Field(
+        default=None, ge=0, description="How long the oldest of them has been in its state."
+    )
 
 
 class RecentAction(PolicyModel):
@@ -111,6 +127,15 @@ class ConnectionPolicyStatus(PolicyModel):
         default=None,
         max_length=MAX_STATUS_FINDINGS,
         description="The last diagnosis' findings, most severe first, one line each.",
+    )
+    workloads: list[WorkloadConnections] | None = Field(
+        default=None,
+        max_length=MAX_STATUS_WORKLOADS,
+        description=(
+            f"The {MAX_STATUS_WORKLOADS} workloads holding the most client backends at the "
+            "last diagnosis (sessions placed on Pods by their address, or through the PgBouncer "
+            "pgrelief manages); absent when Pods are not indexed."
+        ),
     )
     recent_actions: list[RecentAction] | None = Field(
         default=None,
