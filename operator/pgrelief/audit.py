@@ -5,8 +5,8 @@ every planned action produces exactly one outcome record, including dry runs and
 with the evidence that justified it. The field names are a contract (DESIGN.md, ``pgrelief
 run``).
 
-A termination cannot be undone, so its record is written *before* it happens: an ``intent``
-record per session, flushed to disk, then the statement, then the outcome record. A crash can
+A termination or a cancel cannot be undone, so its record is written *before* it happens: an
+``intent`` record per session, flushed to disk, then the statement, then the outcome record. A crash can
 therefore leave an intent without an outcome (something perhaps not done), never a terminated
 session without a record. The file sink fsyncs every batch and says which file failed and
 which records it could not write, so a caller can stop cleanly instead of acting blind.
@@ -27,6 +27,10 @@ from pgrelief.errors import PgreliefError
 
 Outcome = Literal["intent", "done", "skipped", "failed"]
 AuditSink = Callable[[Sequence["AuditRecord"]], None]
+
+# The Kubernetes Event reason (DESIGN.md) for a ``cancel`` record that is done: the operator
+# posts it on the ConnectionPolicy, as it posts BackendTerminated for a ``terminate``.
+QUERY_CANCELLED = "QueryCancelled"
 
 # Characters str.splitlines() treats as line ends that json.dumps(ensure_ascii=False) leaves
 # raw: a role named with one of them must not split a record in two for any reader.

@@ -8,14 +8,23 @@ once:
 1. observe, diagnose, plan;
 2. if the driver is stopping, stop here: nothing has been done yet;
 3. keep the originals of the values about to change (durably, before the first change);
-4. act, each record reaching the audit sink as it happens (a termination's before it);
-5. remember the terminations done, and back off from sessions an attempt failed on, so one
-   session pgrelief may not signal neither eats every cycle's budget nor floods the audit.
+4. act, each record reaching the audit sink as it happens (a termination's or a cancel's
+   before it);
+5. remember the terminations and cancels done (the budget; a cancelled query escalates if it
+   is still running later), and back off from sessions an attempt failed on, so one session
+   pgrelief may not signal neither eats every cycle's budget nor floods the audit.
+
+When to run the next cycle is decided here too, for both drivers: ``CycleReport.wait_s``.
+Under pressure (and enforcing) the next cycle runs when the next session crosses its
+threshold (``Plan.next_deadline``), never sooner than ``DEADLINE_FLOOR_S`` after this one,
+so relief comes at the moment PostgreSQL's own timeout would fire instead of up to an
+interval late; when healthy, every ``spec.interval``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,17 +36,26 @@ from pgrelief.diagnosis import Diagnosis
 from pgrelief.history import HistoryStore
 from pgrelief.observe import take_snapshot
 from pgrelief.plan import (
+    UNDER_PRESSURE,
+    CancelQuery,
     Plan,
+    QueryIdentity,
+    SessionAction,
     SkippedSession,
-    TerminateBackend,
     plan,
     plan_revert,
+    query_identity,
     session_identity,
 )
 from pgrelief.policy import ConnectionPolicy
+from pgrelief.snapshot import ACTIVE
 
 BACKOFF_FIRST = timedelta(seconds=10)
 BACKOFF_MAX = timedelta(minutes=10)
+# The least time between two cycles when a deadline wakes the next one: a deadline already
+# due (more eligible sessions than maxPerCycle) must not spin the loop against the server.
+DEADLINE_FLOOR_S = 0.025
+_SIGNALS = ("terminate", "cancel")
 
 
 @dataclass(frozen=True)
@@ -46,9 +64,35 @@ class CycleReport:
     plan: Plan
     records: list[AuditRecord]
     stopped_before_acting: bool = False
+    dry_run: bool = False
+    # time.monotonic() at which plan.next_deadline falls (the server's clock mapped onto
+    # this machine's at the moment the snapshot came back); None when there is none.
+    deadline_at: float | None = None
+
+    @property
+    def next_deadline(self) -> datetime | None:
+        """When (server clock) the next session this cycle did not act on comes due."""
+        return self.plan.next_deadline
+
+    @property
+    def under_pressure(self) -> bool:
+        return self.before.pressure in UNDER_PRESSURE
 
     def count(self, outcome: str) -> int:
         return sum(1 for r in self.records if r.outcome == outcome)
+
+    def wait_s(self, interval_s: float, *, since: float, now: float | None = None) -> float:
+        """Seconds until the next cycle should start.
+
+        ``since`` is ``time.monotonic()`` when this cycle started. Healthy, in DryRun, or
+        with nothing coming due: the rest of ``interval_s``. Under pressure and enforcing:
+        until the next deadline if that is sooner, but at least ``DEADLINE_FLOOR_S``.
+        """
+        now = time.monotonic() if now is None else now
+        regular = max(since + interval_s - now, 0.0)
+        if self.deadline_at is None or self.dry_run or not self.under_pressure:
+            return regular
+        return max(min(regular, self.deadline_at - now), DEADLINE_FLOOR_S)
 
 
 def policy_label(policy: ConnectionPolicy) -> str:
@@ -96,16 +140,27 @@ class Cycle:
 
     def run(self, conn: Connection, stopping: threading.Event | None = None) -> CycleReport:
         snapshot = take_snapshot(conn)
+        observed_at = time.monotonic()
         diagnosis = diagnose(snapshot, diagnose_options(self.policy))
         now = self.clock()
         self._forget_gone({session_identity(s.pid, s.backend_start) for s in snapshot.sessions})
+        self.store.history.keep_cancels(
+            query_identity(s.pid, s.backend_start, s.query_start)
+            for s in snapshot.sessions
+            if s.state == ACTIVE
+        )
         history = self.store.history.for_planning(
             now, {key: b.retry_at for key, b in self._backoff.items()}
         )
         the_plan = plan(self.policy.spec, snapshot, diagnosis.pressure, history, now)
-        if stopping is not None and stopping.is_set():
-            return CycleReport(diagnosis, the_plan, [], stopped_before_acting=True)
         dry_run = self.dry_run
+        deadline_at = (
+            None
+            if the_plan.next_deadline is None
+            else observed_at + (the_plan.next_deadline - snapshot.taken_at).total_seconds()
+        )
+        if stopping is not None and stopping.is_set():
+            return CycleReport(diagnosis, the_plan, [], stopped_before_acting=True, dry_run=dry_run)
         if not dry_run and the_plan.originals:
             self.store.keep_originals(the_plan.originals)
         skips = self._skip_records(the_plan, now, dry_run)
@@ -119,11 +174,19 @@ class Cycle:
             clock=self.clock,
         )
         if not dry_run:
-            self._back_off(the_plan.terminations, records, now)
+            session_actions = the_plan.session_actions
+            self._back_off(session_actions, records, now)
+            self.store.history.add_cancels(_cancelled(session_actions, records))
             self.store.note_terminations(
-                (r.ts for r in records if r.outcome == "done" and r.action == "terminate"), now
+                (r.ts for r in records if r.outcome == "done" and r.action in _SIGNALS), now
             )
-        return CycleReport(before=diagnosis, plan=the_plan, records=[*records, *skips])
+        return CycleReport(
+            before=diagnosis,
+            plan=the_plan,
+            records=[*records, *skips],
+            dry_run=dry_run,
+            deadline_at=deadline_at,
+        )
 
     def revert(self, conn: Connection) -> CycleReport:
         """Restore every recorded original the server no longer has (whatever the mode)."""
@@ -141,19 +204,19 @@ class Cycle:
         )
         if not dry_run and all(r.outcome != "failed" for r in records):
             self.store.forget_originals()
-        return CycleReport(before=diagnosis, plan=the_plan, records=records)
+        return CycleReport(before=diagnosis, plan=the_plan, records=records, dry_run=dry_run)
 
     def _back_off(
-        self, terminations: Iterable[TerminateBackend], records: list[AuditRecord], now: datetime
+        self, actions: Iterable[SessionAction], records: list[AuditRecord], now: datetime
     ) -> None:
-        failed = {r.target for r in records if r.action == "terminate" and r.outcome == "failed"}
-        for termination in terminations:
-            if termination.target not in failed:
+        failed = {r.target for r in records if r.action in _SIGNALS and r.outcome == "failed"}
+        for action in actions:
+            if action.target not in failed:
                 continue
-            previous = self._backoff.get(termination.identity)
+            previous = self._backoff.get(action.identity)
             failures = previous.failures + 1 if previous else 1
             delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
-            self._backoff[termination.identity] = _Backoff(failures, now + delay)
+            self._backoff[action.identity] = _Backoff(failures, now + delay)
 
     def _forget_gone(self, present: set[tuple[int, str | None]]) -> None:
         for identity in [i for i in self._backoff if i not in present]:
@@ -168,7 +231,7 @@ class Cycle:
         return [
             AuditRecord(
                 ts=now,
-                action="terminate",
+                action=skipped.candidate.action,
                 target=skipped.target,
                 reason=skipped.reason,
                 evidence=skipped.evidence,
@@ -183,3 +246,13 @@ class Cycle:
 
 def _skip_key(skipped: SkippedSession) -> tuple[int, datetime | None, str]:
     return (skipped.pid, skipped.candidate.backend_start, skipped.why)
+
+
+def _cancelled(
+    actions: Iterable[SessionAction], records: list[AuditRecord]
+) -> dict[QueryIdentity, datetime]:
+    """The queries this cycle cancelled, by query identity, with the time of the cancel."""
+    done = {r.target: r.ts for r in records if r.action == "cancel" and r.outcome == "done"}
+    return {
+        a.query: done[a.target] for a in actions if isinstance(a, CancelQuery) and a.target in done
+    }

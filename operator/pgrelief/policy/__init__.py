@@ -41,6 +41,7 @@ from pgrelief.policy.fields import (
 from pgrelief.policy.limits import DatabaseLimit, LimitsSpec, RoleLimit, ServerLimits
 from pgrelief.policy.spec import (
     BudgetSpec,
+    CancelSpec,
     ConnectionPolicy,
     ConnectionPolicySpec,
     CredentialsSecret,
@@ -50,6 +51,7 @@ from pgrelief.policy.spec import (
     PressureSpec,
     ProtectSpec,
     RemediationSpec,
+    SelectSpec,
     TerminateSpec,
 )
 from pgrelief.policy.status import Condition, ConnectionPolicyStatus
@@ -64,6 +66,7 @@ __all__ = [
     "MAX_PGBOUNCER_PARAMETERS",
     "RESERVED_PGBOUNCER_KEYS",
     "BudgetSpec",
+    "CancelSpec",
     "Cidr",
     "Condition",
     "ConnectionPolicy",
@@ -89,6 +92,7 @@ __all__ = [
     "ProtectSpec",
     "RemediationSpec",
     "RoleLimit",
+    "SelectSpec",
     "ServerLimits",
     "SslMode",
     "TerminateSpec",
