@@ -177,6 +177,10 @@ class Cycle:
             session_actions = the_plan.session_actions
             self._back_off(session_actions, records, now)
             self.store.history.add_cancels(_cancelled(session_actions, records))
+            gone = _terminated(session_actions, records)
+            self.store.history.keep_cancels(
+                q for q in self.store.history.cancels if q[:2] not in gone
+            )
             self.store.note_terminations(
                 (r.ts for r in records if r.outcome == "done" and r.action in _SIGNALS), now
             )
@@ -246,6 +250,14 @@ class Cycle:
 
 def _skip_key(skipped: SkippedSession) -> tuple[int, datetime | None, str]:
     return (skipped.pid, skipped.candidate.backend_start, skipped.why)
+
+
+def _terminated(
+    actions: Iterable[SessionAction], records: list[AuditRecord]
+) -> set[tuple[int, str | None]]:
+    """The sessions this cycle terminated: their cancelled queries cannot escalate again."""
+    done = {r.target for r in records if r.action == "terminate" and r.outcome == "done"}
+    return {a.identity for a in actions if a.action == "terminate" and a.target in done}
 
 
 def _cancelled(
