@@ -325,7 +325,9 @@ def test_transaction_timeout_is_applied_from_postgres_17_and_recommended_before(
 # ---- when the next cycle runs ----------------------------------------------------------------
 
 
-def report(pressure: Severity, deadline_at: float | None, *, dry_run: bool = False) -> CycleReport:
+def report(
+    pressure: Severity, deadline_at: float | None, *, dry_run: bool = False, was_due: bool = False
+) -> CycleReport:
     diagnosis = diagnose(snapshot([]), DiagnoseOptions())
     return CycleReport(
         before=dataclasses.replace(diagnosis, pressure=pressure),
@@ -333,6 +335,7 @@ def report(pressure: Severity, deadline_at: float | None, *, dry_run: bool = Fal
         records=[],
         dry_run=dry_run,
         deadline_at=deadline_at,
+        deadline_was_due=was_due,
     )
 
 
@@ -346,10 +349,20 @@ def test_under_pressure_the_next_cycle_runs_at_the_deadline() -> None:
     assert report(Severity.WARNING, 105.0).wait_s(1.0, since=100.0, now=100.1) == pytest.approx(0.9)
 
 
-def test_a_deadline_already_due_waits_the_floor() -> None:
-    assert report(Severity.CRITICAL, 99.0).wait_s(1.0, since=100.0, now=100.1) == DEADLINE_FLOOR_S
-    # A cycle that outran its interval under pressure still leaves the floor between cycles.
-    assert report(Severity.CRITICAL, 200.0).wait_s(1.0, since=100.0, now=102.0) == DEADLINE_FLOOR_S
+def test_work_left_over_at_the_snapshot_waits_the_floor() -> None:
+    left_over = report(Severity.CRITICAL, 99.0, was_due=True)
+    assert left_over.wait_s(1.0, since=100.0, now=100.1) == DEADLINE_FLOOR_S
+    # Even when the cycle outran its interval: the floor keeps it off the server a moment.
+    assert left_over.wait_s(1.0, since=100.0, now=102.0) == DEADLINE_FLOOR_S
+
+
+def test_a_deadline_that_passed_during_the_cycle_runs_the_next_at_once() -> None:
+    assert report(Severity.CRITICAL, 100.05).wait_s(1.0, since=100.0, now=100.1) == 0.0
+
+
+def test_a_deadline_about_to_come_is_kept_to_the_moment() -> None:
+    soon = report(Severity.CRITICAL, 100.101)
+    assert soon.wait_s(1.0, since=100.0, now=100.1) == pytest.approx(0.001)
 
 
 def test_dry_run_and_no_deadline_keep_the_interval() -> None:

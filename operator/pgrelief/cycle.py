@@ -15,10 +15,12 @@ once:
    pgrelief may not signal neither eats every cycle's budget nor floods the audit.
 
 When to run the next cycle is decided here too, for both drivers: ``CycleReport.wait_s``.
-Under pressure (and enforcing) the next cycle runs when the next session crosses its
-threshold (``Plan.next_deadline``), never sooner than ``DEADLINE_FLOOR_S`` after this one,
-so relief comes at the moment PostgreSQL's own timeout would fire instead of up to an
-interval late; when healthy, every ``spec.interval``.
+Under pressure (and enforcing) the next cycle runs at the moment the next session crosses
+its threshold (``Plan.next_deadline``), so relief comes when PostgreSQL's own timeout would
+fire instead of up to an interval late. A deadline that was already due when the snapshot
+was taken (sessions ``maxPerCycle`` left over) waits ``DEADLINE_FLOOR_S``, so the loop never
+spins against the server; one that passed while the cycle ran is new work: no wait. When
+healthy, every ``spec.interval``.
 """
 
 from __future__ import annotations
@@ -52,9 +54,13 @@ from pgrelief.snapshot import ACTIVE
 
 BACKOFF_FIRST = timedelta(seconds=10)
 BACKOFF_MAX = timedelta(minutes=10)
-# The least time between two cycles when a deadline wakes the next one: a deadline already
-# due (more eligible sessions than maxPerCycle) must not spin the loop against the server.
+# The wait before the next cycle when the deadline was due at the snapshot already: sessions
+# left over by maxPerCycle must not spin the loop against the server.
 DEADLINE_FLOOR_S = 0.025
+# The snapshot's clock_timestamp() is read on the server after the statement was sent and
+# parsed: mapped from the send time, a deadline falls this much later, so the cycle it wakes
+# does not come a moment early (and find the session a hair short of its threshold).
+_CLOCK_MARGIN_S = 0.002
 _SIGNALS = ("terminate", "cancel")
 
 
@@ -65,9 +71,11 @@ class CycleReport:
     records: list[AuditRecord]
     stopped_before_acting: bool = False
     dry_run: bool = False
-    # time.monotonic() at which plan.next_deadline falls (the server's clock mapped onto
-    # this machine's at the moment the snapshot came back); None when there is none.
+    # time.monotonic() at which plan.next_deadline falls (the snapshot's server time mapped
+    # onto the moment its statement was sent); None when there is none.
     deadline_at: float | None = None
+    # The deadline was not after the snapshot: work left over, not a threshold still to come.
+    deadline_was_due: bool = False
 
     @property
     def next_deadline(self) -> datetime | None:
@@ -86,13 +94,16 @@ class CycleReport:
 
         ``since`` is ``time.monotonic()`` when this cycle started. Healthy, in DryRun, or
         with nothing coming due: the rest of ``interval_s``. Under pressure and enforcing:
-        until the next deadline if that is sooner, but at least ``DEADLINE_FLOOR_S``.
+        until the next deadline if that is sooner (no wait if it passed during this cycle),
+        or ``DEADLINE_FLOOR_S`` when it was due at the snapshot already.
         """
         now = time.monotonic() if now is None else now
         regular = max(since + interval_s - now, 0.0)
         if self.deadline_at is None or self.dry_run or not self.under_pressure:
             return regular
-        return max(min(regular, self.deadline_at - now), DEADLINE_FLOOR_S)
+        if self.deadline_was_due:
+            return DEADLINE_FLOOR_S
+        return max(min(regular, self.deadline_at - now), 0.0)
 
 
 def policy_label(policy: ConnectionPolicy) -> str:
@@ -139,8 +150,8 @@ class Cycle:
         return self.force_dry_run or self.policy.spec.remediation.mode == "DryRun"
 
     def run(self, conn: Connection, stopping: threading.Event | None = None) -> CycleReport:
+        observed_at = time.monotonic() + _CLOCK_MARGIN_S  # see _CLOCK_MARGIN_S
         snapshot = take_snapshot(conn)
-        observed_at = time.monotonic()
         diagnosis = diagnose(snapshot, diagnose_options(self.policy))
         now = self.clock()
         self._forget_gone({session_identity(s.pid, s.backend_start) for s in snapshot.sessions})
@@ -190,6 +201,9 @@ class Cycle:
             records=[*records, *skips],
             dry_run=dry_run,
             deadline_at=deadline_at,
+            deadline_was_due=(
+                the_plan.next_deadline is not None and the_plan.next_deadline <= snapshot.taken_at
+            ),
         )
 
     def revert(self, conn: Connection) -> CycleReport:
