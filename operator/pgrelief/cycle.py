@@ -188,10 +188,7 @@ class Cycle:
             session_actions = the_plan.session_actions
             self._back_off(session_actions, records, now)
             self.store.history.add_cancels(_cancelled(session_actions, records))
-            gone = _terminated(session_actions, records)
-            self.store.history.keep_cancels(
-                q for q in self.store.history.cancels if q[:2] not in gone
-            )
+            self.store.history.forget_cancels_of(_terminated(session_actions, records))
             self.store.note_terminations(
                 (r.ts for r in records if r.outcome == "done" and r.action in _SIGNALS), now
             )

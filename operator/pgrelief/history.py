@@ -47,6 +47,11 @@ class RemediationHistory:
         for query, when in cancels.items():
             self.cancels.setdefault(query, when)
 
+    def forget_cancels_of(self, sessions: Iterable[tuple[int, str | None]]) -> None:
+        """Forget the cancelled queries of sessions just terminated (an escalation)."""
+        gone = set(sessions)
+        self.cancels = {q: when for q, when in self.cancels.items() if (q[0], q[1]) not in gone}
+
     def keep_cancels(self, running: Iterable[QueryIdentity]) -> None:
         """Forget cancelled queries that are no longer running: the cancel took, or the
         session is gone; only a query still running can escalate."""
