@@ -20,19 +20,27 @@ import pytest
 from psycopg import sql
 
 from pgrelief._dev.embedded import EmbeddedPostgres
-from pgrelief.act import execute
+from pgrelief.act import (
+    CHANGED_SINCE_OBSERVED,
+    QUERY_CHANGED,
+    cancel_batch,
+    execute,
+    terminate_batch,
+)
 from pgrelief.audit import AuditLog
 from pgrelief.connection import ManagedConnection
 from pgrelief.cycle import CycleReport
 from pgrelief.diagnosis import Severity
 from pgrelief.errors import ServerRefused
 from pgrelief.observe import connect, take_snapshot
-from pgrelief.plan import PlanHistory, plan
+from pgrelief.plan import CancelQuery, PlanHistory, plan
 from pgrelief.policy_file import parse_policy
 from pgrelief.runner import Runner
+from pgrelief.snapshot import Session
 from pgrelief.state_file import StateStore
 from tests.fixtures.postgres import OpenSession, SessionFactory
 from tests.runs import AGE_PAST_THRESHOLD_S, alive, run_once, terminated_pids, write_policy
+from tests.test_remediation import terminate_action
 
 NO_IDLE_RULES = "{}"
 # A query that ignores cancels: PL/pgSQL traps query_canceled and goes on sleeping, so the
@@ -171,6 +179,55 @@ def test_a_query_that_finished_between_observe_and_act_is_not_cancelled(
     if later is not None:
         sessions.wait_for(later.pid, state="active")
         assert later.error is None
+
+
+def test_the_recheck_reads_each_session_afresh_right_before_its_signal(
+    pg_server: EmbeddedPostgres, sessions: SessionFactory
+) -> None:
+    # pg_stat_activity is a snapshot taken once per transaction. Acting inside a transaction
+    # that read it earlier widens, to as long as the test likes, the window a loaded server
+    # opened by chance (the relief bench caught a session killed mid-statement through it).
+    worker = sessions.idle("app_backend", "worker")
+    running = sessions.active_sleep(300, "app_backend", "report-job")
+    with psycopg.connect(pg_server.dsn()) as conn:
+        observed = {s.pid: s for s in take_snapshot(conn).sessions}
+        idle_then, running_then = observed[worker.pid], observed[running.pid]
+        conn.execute("select count(*) from pg_stat_activity")  # the transaction's snapshot
+        # Now the idle session starts a statement, and the running query ends for another.
+        sessions.opened.remove(worker)
+        busy = sessions._in_thread(
+            worker.conn, sql.SQL("select pg_sleep(30)"), "active", "app_backend", "worker", True
+        )
+        sessions.opened.remove(running)
+        running.conn.cancel_safe()
+        assert running.thread is not None
+        running.thread.join(10)
+        sessions.opened.append(running)
+        sessions.wait_for(running.pid, state="idle")
+        next_query = sessions._in_thread(
+            running.conn, sql.SQL("select pg_sleep(30)"), "active", "app_backend", "r", True
+        )
+        terminated = terminate_batch(conn, [terminate_action(idle_then)])
+        cancelled = cancel_batch(conn, [cancel_action(running_then)])
+        conn.rollback()
+    assert terminated == {worker.pid: ("skipped", CHANGED_SINCE_OBSERVED)}
+    assert cancelled == {running.pid: ("skipped", QUERY_CHANGED)}
+    sessions.wait_for(busy.pid, state="active")
+    sessions.wait_for(next_query.pid, state="active")
+    assert busy.error is None and next_query.error is None
+
+
+def cancel_action(observed: Session) -> CancelQuery:
+    return CancelQuery(
+        pid=observed.pid,
+        backend_start=observed.backend_start,
+        query_start=observed.query_start,
+        usename=observed.usename,
+        datname=observed.datname,
+        application_name=observed.application_name,
+        client_addr=observed.client_addr,
+        age_s=observed.query_age_s or 0.0,
+    )
 
 
 def test_selectors_include_only_what_they_name_and_protections_win(

@@ -46,28 +46,37 @@ _EXIT_POLL_S = 0.005
 # terminate: never a superuser's backend unless we are one; otherwise a role we have the
 # privileges of, or membership in pg_signal_backend) is reported instead of failing the whole
 # statement. Only the columns compared and the function called differ between the two.
+#
+# pg_stat_activity is a snapshot taken once per transaction, at its first read: checking a
+# whole batch against it and then signalling leaves a window (milliseconds on a loaded
+# server; the relief bench caught a session terminated mid-statement through it) in which a
+# session may start a statement. So each row is read afresh, alone, right before its signal:
+# pg_stat_clear_snapshot() runs as part of the argument of that row's pg_stat_get_activity,
+# and the signal is in the projection of the row that passed the check.
 _SIGNAL_BATCH = sql.SQL(
     """
-    with wanted as (
-        select * from unnest({arrays}) as w({columns})
-    ), me as (
+    with me as (
         select rolsuper from pg_roles where rolname = current_user
-    ), matched as (
-        select a.pid,
-               coalesce((select rolsuper from me), false)
-               or (not coalesce(r.rolsuper, true)
-                   and (pg_has_role(current_user, a.usesysid, 'USAGE')
-                        or pg_has_role(current_user, 'pg_signal_backend', 'USAGE')))
-               as permitted
-          from pg_stat_activity a
-          join wanted w on w.pid = a.pid
-          left join pg_roles r on r.oid = a.usesysid
-         where a.backend_type = 'client backend'
-           and a.backend_start is not distinct from w.backend_start
-           and {same}
     )
-    select pid, permitted, case when permitted then {signal}(pid) end
-      from matched
+    select w.pid, s.permitted, s.signalled
+      from unnest({arrays}) as w({columns})
+     cross join lateral (
+        select fresh.permitted,
+               case when fresh.permitted then {signal}(fresh.pid) end as signalled
+          from (
+            select a.pid,
+                   coalesce((select rolsuper from me), false)
+                   or (not coalesce(r.rolsuper, true)
+                       and (pg_has_role(current_user, a.usesysid, 'USAGE')
+                            or pg_has_role(current_user, 'pg_signal_backend', 'USAGE')))
+                   as permitted
+              from pg_stat_get_activity(w.pid + 0 * length(pg_stat_clear_snapshot()::text)) a
+              left join pg_roles r on r.oid = a.usesysid
+             where a.backend_type = 'client backend'
+               and a.backend_start is not distinct from w.backend_start
+               and {same}
+          ) fresh
+     ) s
     """
 )
 _TERMINATE_BATCH = _SIGNAL_BATCH.format(
