@@ -131,7 +131,7 @@ def test_offline_dump_gives_the_live_diagnosis(
         ((), "exactly one of --dsn or --activity-file"),
         (("--dsn", "host=127.0.0.1 port=1 connect_timeout=2"), "cannot connect"),
         (("--activity-file", "/nonexistent/a.csv"), "no such file"),
-        (("--activity-file", "/etc/passwd"), "not a CSV dump"),
+        (("--activity-file", "/etc/passwd"), "not a dump pgrelief can read"),
         (("--dsn", "host=x", "--idle-after", "soon"), "cannot read duration"),
         (("--dsn", "host=x", "--memory", "lots"), "cannot read size"),
         (("--dsn", "host=x", "--warning-percent", "95"), "below --critical-percent"),

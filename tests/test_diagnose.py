@@ -9,13 +9,8 @@ import random
 import pytest
 
 from pgrelief import advice
-from pgrelief.diagnose import (
-    DiagnoseOptions,
-    OptionsError,
-    _oldest_per_value,
-    diagnose,
-    diagnose_refusal,
-)
+from pgrelief.diagnose import DiagnoseOptions, OptionsError, diagnose, diagnose_refusal
+from pgrelief.diagnose._counting import _oldest_per_value
 from pgrelief.diagnosis import (
     ADVICE,
     DURABLE_SQL,

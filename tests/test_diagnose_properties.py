@@ -15,8 +15,7 @@ from unittest.mock import patch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgrelief import diagnose as diagnose_module
-from pgrelief.diagnose import DiagnoseOptions, diagnose, diagnose_refusal
+from pgrelief.diagnose import DiagnoseOptions, _counting, diagnose, diagnose_refusal
 from pgrelief.diagnosis import (
     IDLE_IN_TRANSACTION,
     LEAKED_IDLE,
@@ -217,7 +216,7 @@ def _forced(mode: str) -> Any:
             return None
         return Counter(zip(*columns, states, strict=True))
 
-    return patch.object(diagnose_module, "_combinations", choose)
+    return patch.object(_counting, "_combinations", choose)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -511,7 +511,8 @@ def test_a_malformed_status_is_a_one_line_error() -> None:
         "'Unknown' (got 'yes'); status.phase: unknown field (allowed: observedGeneration, "
         "conditions, pressure, utilizationPercent, clientBackends, usableSlots, "
         "lastDiagnosisTime, lastActionTime, terminationsLastHour, terminationsTotal, "
-        "plannedLastCycle, originals)"
+        "plannedLastCycle, connections, findings, recentActions, recentTerminations, "
+        "failedActionsTotal, originals)"
     )
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -27,10 +28,6 @@ from pgrelief.errors import PgreliefError
 
 Outcome = Literal["intent", "done", "skipped", "failed"]
 AuditSink = Callable[[Sequence["AuditRecord"]], None]
-
-# The Kubernetes Event reason (DESIGN.md) for a ``cancel`` record that is done: the operator
-# posts it on the ConnectionPolicy, as it posts BackendTerminated for a ``terminate``.
-QUERY_CANCELLED = "QueryCancelled"
 
 # Characters str.splitlines() treats as line ends that json.dumps(ensure_ascii=False) leaves
 # raw: a role named with one of them must not split a record in two for any reader.
@@ -81,10 +78,14 @@ class AuditWriteError(PgreliefError):
 
 @dataclass
 class AuditLog:
-    """Appends records, one JSON line each, to an optional file (fsynced) and stream."""
+    """Appends records, one JSON line each, to an optional file (fsynced) and stream.
+
+    Safe to share between threads (the operator's cycles): a batch is never interleaved.
+    """
 
     path: Path | None = None
     stream: IO[str] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def check(self) -> None:
         """Fail now, naming the file, if records could not be appended to it later."""
@@ -102,11 +103,15 @@ class AuditLog:
         lines = "".join(record.to_line() for record in records)
         if not lines:
             return
-        if self.path is not None:
-            _append_durably(self.path, lines.encode("utf-8"), records)
-        if self.stream is not None:
-            self.stream.write(lines)
-            self.stream.flush()
+        with self._lock:
+            if self.path is not None:
+                _append_durably(self.path, lines.encode("utf-8"), records)
+            if self.stream is not None:
+                self.stream.write(lines)
+                self.stream.flush()
+
+    def __call__(self, records: Sequence[AuditRecord]) -> None:
+        self.write(records)
 
 
 def _append_durably(path: Path, data: bytes, records: Sequence[AuditRecord]) -> None:

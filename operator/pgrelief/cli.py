@@ -9,6 +9,7 @@ error is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -21,13 +22,15 @@ from pgrelief.crd import crd_yaml
 from pgrelief.diagnose import DiagnoseOptions, OptionsError, diagnose_refusal
 from pgrelief.diagnose import diagnose as run_diagnosis
 from pgrelief.diagnosis import Diagnosis, Severity
-from pgrelief.dumps import snapshot_from_files
+from pgrelief.dumps import load_input
 from pgrelief.durations import DurationError, parse_duration
 from pgrelief.errors import PgreliefError, ServerRefused
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.report import render_json, render_sizing, render_text
 from pgrelief.runner import run_standalone
 from pgrelief.sizing import SizeError, parse_size, size_server
+from pgrelief.triage import diagnose_offline
+from pgrelief.web import DEFAULT_PORT, serve
 
 EXIT_ERROR = int(Severity.UNKNOWN)
 
@@ -55,12 +58,14 @@ def cli() -> None:
 @click.option(
     "--activity-file",
     type=click.Path(path_type=Path),
-    help="pg_stat_activity dump: psql \\copy CSV with header, or json_agg JSON.",
+    help="pg_stat_activity as pasted, '-' for stdin: psql's aligned or \\x output, CSV with "
+    "a header, or JSON; or the output of the three triage queries (a partial diagnosis). "
+    "SHOW ALL / pg_settings may follow in the same paste.",
 )
 @click.option(
     "--settings-file",
     type=click.Path(path_type=Path),
-    help="pg_settings dump (CSV or JSON) to go with --activity-file.",
+    help="pg_settings or SHOW ALL output (any of those formats) to go with --activity-file.",
 )
 @click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--idle-after", help="Idle this long counts as a leaked session (default 30m).")
@@ -87,6 +92,15 @@ def diagnose(
     critical_percent: int,
 ) -> None:
     """Explain what is using the connection slots, with evidence and fixes.
+
+    \b
+    Live:    pgrelief diagnose --dsn 'host=db user=postgres'
+    Pasted:  psql -X -c 'select now(), * from pg_stat_activity' -c 'show all' \\
+               | pgrelief diagnose --activity-file -
+
+    The output of the seed's three triage queries (connections by state; by usename,
+    application_name and state; the 20 oldest idle sessions with now() - state_change as
+    idle_duration) gives a partial diagnosis that says what needs the full dump.
 
     Exit status: 0 healthy, 1 warning, 2 critical, 3 unknown or error.
     """
@@ -147,7 +161,8 @@ def _diagnose_files(
 ) -> Diagnosis:
 
     assert activity_file is not None
-    return run_diagnosis(snapshot_from_files(activity_file, settings_file), options)
+    loaded = load_input(activity_file, settings_file)
+    return diagnose_offline(loaded.found, options, loaded.notes)
 
 
 def _render(diagnosis: Diagnosis, output_format: str) -> None:
@@ -255,6 +270,98 @@ def size(
     except SizeError as error:
         raise click.UsageError(str(error)) from None
     render_sizing(sizing, sys.stdout, output_format)
+
+
+@cli.command("operator")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch ConnectionPolicies in this namespace (repeatable; globs like team-*).",
+)
+@click.option("--all-namespaces", is_flag=True, help="Watch every namespace.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics.")
+@click.option(
+    "--liveness",
+    metavar="URL",
+    help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
+)
+@click.option("--standalone", is_flag=True, help="No peering: for exactly one replica.")
+@click.option("--priority", type=int, help="Peering priority (default: random per process).")
+@click.option("--peering", "peering_name", default="pgrelief", show_default=True)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--audit-file",
+    type=click.Path(path_type=Path),
+    help="Also append audit records here (they always go to stdout, one JSON line each).",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 512), default=16, show_default=True,
+    help="Threads that run cycles (sync PostgreSQL and API calls).",
+)  # fmt: skip
+@click.option(
+    "--instance",
+    default=lambda: os.environ.get("POD_NAME") or socket.gethostname(),
+    help="Name this process reports in Events (default: $POD_NAME or the host name).",
+)
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def operator_command(
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    metrics_port: int | None,
+    liveness: str | None,
+    standalone: bool,
+    priority: int | None,
+    peering_name: str,
+    log_format: str,
+    audit_file: Path | None,
+    workers: int,
+    instance: str,
+    verbose: bool,
+) -> None:
+    """Run the Kubernetes operator for ConnectionPolicy objects (KUBECONFIG or in-cluster)."""
+    if bool(namespaces) == all_namespaces:
+        raise click.UsageError("give --namespace NS (one or more) or --all-namespaces")
+    from pgrelief.controller.main import run_operator  # noqa: PLC0415 - kopf only when needed
+
+    run_operator(
+        namespaces=namespaces,
+        all_namespaces=all_namespaces,
+        metrics_port=metrics_port,
+        liveness=liveness,
+        standalone=standalone,
+        priority=priority,
+        peering_name=peering_name,
+        log_format=log_format,
+        audit_file=audit_file,
+        workers=workers,
+        instance=instance,
+        verbose=verbose,
+    )
+
+
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port on 127.0.0.1 (0: any free port; the URL is printed).",
+)
+def web(port: int) -> None:
+    """Serve a page on this machine to paste pg_stat_activity into.
+
+    The page takes what diagnose --activity-file takes (psql's output, CSV, JSON, the triage
+    queries; pasted or dropped as a file) and shows the same report: the verdict, the
+    emergency SQL with copy buttons, a chart of connections by state and by application.
+    It listens on 127.0.0.1 only and loads nothing from anywhere else.
+    """
+    try:
+        serve(port)
+    except OSError as error:
+        raise click.UsageError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
 
 
 @cli.command()

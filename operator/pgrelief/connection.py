@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg
@@ -99,7 +99,7 @@ class ManagedConnection:
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | Callable[[], str],
         *,
         statement_timeout: str = STATEMENT_TIMEOUT,
         lock_timeout: str = LOCK_TIMEOUT,
@@ -141,7 +141,9 @@ class ManagedConnection:
         self._stopping.wait(seconds)
 
     def _open(self) -> psycopg.Connection[tuple[object, ...]]:
-        conn = connect(self._dsn, application_name=APPLICATION_NAME)
+        # A provider is asked again at every reconnect: a rotated password is picked up.
+        dsn = self._dsn() if callable(self._dsn) else self._dsn
+        conn = connect(dsn, application_name=APPLICATION_NAME)
         conn.autocommit = True
         conn.execute(
             sql.SQL(

@@ -127,7 +127,7 @@ def crd_manifest() -> dict[str, Any]:
 def crd_yaml() -> str:
     """``crd_manifest()`` as YAML, in a stable order (the committed file is compared to it)."""
     header = (
-        "# Generated from the ConnectionPolicy model (operator/pgrelief/policy.py) by "
+        "# Generated from the ConnectionPolicy model (operator/pgrelief/policy/) by "
         "`pgrelief crd`.\n# Do not edit: change the model and regenerate.\n"
     )
     body = yaml.safe_dump(crd_manifest(), sort_keys=False, allow_unicode=True, width=100)
@@ -152,7 +152,6 @@ def _printer_columns() -> list[dict[str, Any]]:
             "type": "integer",
             "jsonPath": ".status.utilizationPercent",
             "description": "Client backends as a percent of usable slots",
-            "priority": 1,
         },
         {
             "name": "Mode",

@@ -50,7 +50,7 @@ from pgrelief.plan import (
     session_identity,
 )
 from pgrelief.policy import ConnectionPolicy
-from pgrelief.snapshot import ACTIVE
+from pgrelief.snapshot import ACTIVE, Snapshot
 
 BACKOFF_FIRST = timedelta(seconds=10)
 BACKOFF_MAX = timedelta(minutes=10)
@@ -70,6 +70,7 @@ class CycleReport:
     plan: Plan
     records: list[AuditRecord]
     stopped_before_acting: bool = False
+    snapshot: Snapshot | None = None  # what was observed (the operator sizes PgBouncer from it)
     dry_run: bool = False
     # time.monotonic() at which plan.next_deadline falls (the snapshot's server time mapped
     # onto the moment its statement was sent); None when there is none.
@@ -171,7 +172,7 @@ class Cycle:
             else observed_at + (the_plan.next_deadline - snapshot.taken_at).total_seconds()
         )
         if stopping is not None and stopping.is_set():
-            return CycleReport(diagnosis, the_plan, [], stopped_before_acting=True, dry_run=dry_run)
+            return CycleReport(diagnosis, the_plan, [], True, snapshot=snapshot, dry_run=dry_run)
         if not dry_run and the_plan.originals:
             self.store.keep_originals(the_plan.originals)
         skips = self._skip_records(the_plan, now, dry_run)
@@ -196,6 +197,7 @@ class Cycle:
             before=diagnosis,
             plan=the_plan,
             records=[*records, *skips],
+            snapshot=snapshot,
             dry_run=dry_run,
             deadline_at=deadline_at,
             deadline_was_due=(

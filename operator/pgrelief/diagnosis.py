@@ -40,6 +40,7 @@ ROLE_MONOPOLY = "role_monopoly"
 NO_POOLER = "no_pooler"
 MEMORY_OVERCOMMIT = "memory_overcommit"
 RESERVED_ACCESS = "reserved_access"
+PARTIAL_INPUT = "partial_input"  # offline input that supports only part of a diagnosis
 
 # Fix kinds: what the reader does with the text.
 EMERGENCY_SQL = "emergency_sql"  # run now, as a superuser / through a reserved slot
@@ -161,6 +162,9 @@ class Diagnosis:
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     source: str = "live"
     taken_at: str | None = None
+    # What the reader must know before trusting the numbers: the input was partial, or not
+    # UTF-8, or held tables that were not used. Shown right under the verdict.
+    notes: tuple[str, ...] = ()
 
     def finding(self, kind: str) -> Finding | None:
         return next((f for f in self.findings if f.kind == kind), None)
@@ -175,6 +179,7 @@ class Diagnosis:
             "totals": self.totals.to_json(),
             "breakdown": self.breakdown.to_json(),
             "findings": [f.to_json() for f in self.findings],
+            "notes": list(self.notes),
         }
 
 

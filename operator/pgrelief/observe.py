@@ -25,6 +25,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
+from pgrelief.pgbouncer_auth import AuthFunctionCheck
+from pgrelief.policy import AuthQuerySpec
 from pgrelief.snapshot import (
     CLIENT_BACKEND,
     DEFAULT_MAX_CONNECTIONS,
@@ -395,3 +397,48 @@ def _redact(error: object) -> str:
         return '"…"'
 
     return _QUOTED.sub(hide, text)
+
+
+# Whether PgBouncer's auth_query can work in the connected database: the lookup role, and the
+# SECURITY DEFINER function a DBA installs (pgbouncer_auth.install_statements).
+_AUTH_CHECK_QUERY = """
+select pg_catalog.current_database()::text,
+       r.oid is not null,
+       coalesce(r.rolcanlogin, false),
+       p.oid is not null,
+       coalesce(p.prosecdef, false),
+       coalesce((select o.rolsuper from pg_catalog.pg_roles o where o.oid = p.proowner), false),
+       case when r.oid is not null and p.oid is not null
+            then pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE')
+                 and pg_catalog.has_function_privilege(r.oid, p.oid, 'EXECUTE')
+            else false end
+  from (select 1) as one
+  left join pg_catalog.pg_roles r on r.rolname = %(role)s
+  left join pg_catalog.pg_namespace n on n.nspname = %(schema)s
+  left join pg_catalog.pg_proc p
+         on p.pronamespace = n.oid and p.proname = %(function)s and p.pronargs = 1
+        and p.proargtypes[0] = 'pg_catalog.text'::pg_catalog.regtype
+"""
+
+
+def pgbouncer_auth_check(conn: psycopg.Connection[Any], query: AuthQuerySpec) -> AuthFunctionCheck:
+    """What the connected database says about ``query``'s lookup role and function.
+
+    Connect to each database ``pgbouncer_auth.auth_databases`` names; a check that is
+    not ``ready`` becomes the condition with the SQL to fix it (``auth_condition``).
+    """
+    row = conn.execute(
+        _AUTH_CHECK_QUERY,
+        {"role": query.user, "schema": query.schema_name, "function": query.function},
+    ).fetchone()
+    if row is None:  # a select without FROM filters returns one row; keep mypy and us honest
+        raise PgreliefError("the auth_query check returned no row")
+    return AuthFunctionCheck(
+        database=str(row[0]),
+        role_exists=bool(row[1]),
+        role_can_login=bool(row[2]),
+        function_exists=bool(row[3]),
+        security_definer=bool(row[4]),
+        owner_is_superuser=bool(row[5]),
+        executable=bool(row[6]),
+    )

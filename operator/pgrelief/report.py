@@ -70,6 +70,8 @@ def _verdict(diagnosis: Diagnosis) -> Text:
     if diagnosis.taken_at:
         text.append(f", at {diagnosis.taken_at}")
     text.append(")\n")
+    for note in diagnosis.notes:
+        text.append(f"note: {note}\n", style="bold yellow")
     server = diagnosis.server
     if server is None:
         text.append("The server refused our connection: no slot was free to look inside.\n")

@@ -12,9 +12,10 @@ duration without a unit is an error, because a typo in a safety policy silently 
 policy that does not protect what its author thinks it protects.
 
 The rooms: ``fields`` (API identity, field types and their checks, the strict base model),
-``spec`` (the object and its spec), ``limits`` (ALTER ROLE/DATABASE/SYSTEM), ``status`` (what
-the operator writes back), ``errors`` (validation with one line per bad field path). Import
-from here: the room a name lives in is not part of the contract.
+``spec`` (the object and its spec), ``pgbouncer`` (the pooler section), ``limits`` (ALTER
+ROLE/DATABASE/SYSTEM), ``status`` (what the operator writes back), ``errors`` (validation with
+one line per bad field path). Import from here: the room a name lives in is not part of the
+contract.
 """
 
 from pgrelief.pgbouncer_ini import RESERVED_PGBOUNCER_KEYS, PoolMode
@@ -35,10 +36,18 @@ from pgrelief.policy.fields import (
     Mode,
     OnDelete,
     Percent,
+    PgBouncerKey,
     PositiveDuration,
     SslMode,
 )
 from pgrelief.policy.limits import DatabaseLimit, LimitsSpec, RoleLimit, ServerLimits
+from pgrelief.policy.pgbouncer import (
+    AuthQuerySpec,
+    PgBouncerAuthSpec,
+    PgBouncerResources,
+    PgBouncerSpec,
+    SecretKey,
+)
 from pgrelief.policy.spec import (
     BudgetSpec,
     CancelSpec,
@@ -46,7 +55,6 @@ from pgrelief.policy.spec import (
     ConnectionPolicySpec,
     CredentialsSecret,
     ObjectMeta,
-    PgBouncerSpec,
     PostgresSpec,
     PressureSpec,
     ProtectSpec,
@@ -54,7 +62,13 @@ from pgrelief.policy.spec import (
     SelectSpec,
     TerminateSpec,
 )
-from pgrelief.policy.status import Condition, ConnectionPolicyStatus
+from pgrelief.policy.status import (
+    MAX_RECENT_ACTIONS,
+    MAX_STATUS_FINDINGS,
+    Condition,
+    ConnectionPolicyStatus,
+    RecentAction,
+)
 
 __all__ = [
     "API_GROUP",
@@ -64,7 +78,10 @@ __all__ = [
     "KIND",
     "MAX_IDENTIFIER_BYTES",
     "MAX_PGBOUNCER_PARAMETERS",
+    "MAX_RECENT_ACTIONS",
+    "MAX_STATUS_FINDINGS",
     "RESERVED_PGBOUNCER_KEYS",
+    "AuthQuerySpec",
     "BudgetSpec",
     "CancelSpec",
     "Cidr",
@@ -83,6 +100,9 @@ __all__ = [
     "ObjectMeta",
     "OnDelete",
     "Percent",
+    "PgBouncerAuthSpec",
+    "PgBouncerKey",
+    "PgBouncerResources",
     "PgBouncerSpec",
     "PolicyError",
     "PoolMode",
@@ -90,8 +110,10 @@ __all__ = [
     "PostgresSpec",
     "PressureSpec",
     "ProtectSpec",
+    "RecentAction",
     "RemediationSpec",
     "RoleLimit",
+    "SecretKey",
     "SelectSpec",
     "ServerLimits",
     "SslMode",

@@ -9,9 +9,9 @@ API server as JSON, timestamps as RFC 3339 strings: those fields alone accept a 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, Strict
 
 from pgrelief.policy.fields import PolicyModel
 
@@ -35,6 +35,24 @@ class Condition(PolicyModel):
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation the condition was computed from."
     )
+
+
+MAX_RECENT_ACTIONS = 10
+MAX_STATUS_FINDINGS = 5
+
+
+class RecentAction(PolicyModel):
+    """One action of a recent cycle, as its audit record says (the full trail is the log)."""
+
+    time: datetime = Field(strict=False, description="When it happened (RFC 3339).")
+    action: str = Field(description="terminate, cancel, alter_role, alter_database, ...")
+    target: str = Field(description='What it acted on, e.g. "pid 4242" or "role app".')
+    outcome: Literal["done", "skipped", "failed"] = Field(description="What happened.")
+    reason: str = Field(max_length=512, description="Why it was planned.")
+    detail: str | None = Field(
+        default=None, max_length=512, description="Why skipped, or the error it failed with."
+    )
+    dry_run: bool = Field(default=False, description="True when only planned (DryRun).")
 
 
 class ConnectionPolicyStatus(PolicyModel):
@@ -84,6 +102,30 @@ class ConnectionPolicyStatus(PolicyModel):
         default=None,
         ge=0,
         description="Actions planned in the last cycle (performed unless DryRun).",
+    )
+    connections: dict[str, int] | None = Field(
+        default=None,
+        description="Client backends by pg_stat_activity state at the last diagnosis.",
+    )
+    findings: list[str] | None = Field(
+        default=None,
+        max_length=MAX_STATUS_FINDINGS,
+        description="The last diagnosis' findings, most severe first, one line each.",
+    )
+    recent_actions: list[RecentAction] | None = Field(
+        default=None,
+        max_length=MAX_RECENT_ACTIONS,
+        description=f"The last {MAX_RECENT_ACTIONS} actions performed, skipped or failed.",
+    )
+    recent_terminations: list[Annotated[datetime, Strict(False)]] | None = Field(
+        default=None,
+        description=(
+            "When sessions were terminated in the last hour: the sliding window maxPerHour is "
+            "counted over, kept here so it survives an operator restart."
+        ),
+    )
+    failed_actions_total: int | None = Field(
+        default=None, ge=0, description="Actions that failed since the policy was created."
     )
     originals: dict[str, str] | None = Field(
         default=None,

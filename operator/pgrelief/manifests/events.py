@@ -1,0 +1,209 @@
+"""Kubernetes Events pgrelief posts on a ConnectionPolicy: what to say, and the Event object.
+
+Events are the audit humans read (``kubectl get events``, ``kubectl describe cpol``); the
+complete trail is the audit records in the operator's log. So Events are bounded: at most
+``PER_CYCLE_LIMIT`` per-session Events a cycle plus one summary, and a state that persists
+(pressure, an exhausted budget, an unreachable database) is announced when it begins and when
+it ends, not every cycle. Reasons are the CamelCase verbs of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pgrelief.audit import AuditRecord
+from pgrelief.durations import human_age
+from pgrelief.policy import API_VERSION_FULL, KIND
+
+PER_CYCLE_LIMIT = 10
+COMPONENT = "pgrelief-operator"
+REPORTING_CONTROLLER = "pgrelief.dev/operator"
+_MESSAGE_LIMIT = 1024
+
+BACKEND_TERMINATED = "BackendTerminated"
+BACKENDS_TERMINATED = "BackendsTerminated"
+WOULD_TERMINATE = "WouldTerminateBackend"
+QUERY_CANCELLED = "QueryCancelled"
+ROLE_LIMIT_APPLIED = "RoleLimitApplied"
+DATABASE_LIMIT_APPLIED = "DatabaseLimitApplied"
+SETTING_APPLIED = "SettingApplied"
+WOULD_APPLY = "WouldApplyChange"
+ACTION_FAILED = "ActionFailed"
+PRESSURE_DETECTED = "PressureDetected"
+PRESSURE_RELIEVED = "PressureRelieved"
+BUDGET_EXHAUSTED = "RemediationBudgetExhausted"
+POLICY_INVALID = "PolicyInvalid"
+CREDENTIALS_MISSING = "CredentialsMissing"
+DATABASE_UNREACHABLE = "DatabaseUnreachable"
+DATABASE_REACHABLE = "DatabaseReachable"
+REVERTED = "LimitsReverted"
+REVERT_INCOMPLETE = "RevertIncomplete"
+
+EventType = Literal["Normal", "Warning"]
+
+_APPLIED = {
+    "alter_role": ROLE_LIMIT_APPLIED,
+    "alter_database": DATABASE_LIMIT_APPLIED,
+    "alter_system": SETTING_APPLIED,
+}
+_ACTION_VERB = {"terminate": "Terminate", "cancel": "Cancel"}
+_PRESSURE_RANK = {"healthy": 0, "warning": 1, "critical": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class EventNote:
+    """One thing to announce. Equal notes posted close together become one Event's count."""
+
+    reason: str
+    type: EventType
+    message: str
+    action: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha1(
+            f"{self.reason}\0{self.message}".encode(), usedforsecurity=False
+        ).hexdigest()[:16]
+
+
+def cycle_notes(records: Sequence[AuditRecord], *, limit: int = PER_CYCLE_LIMIT) -> list[EventNote]:
+    """The Events a cycle's audit records deserve: bounded per-session ones, plus a summary."""
+    notes: list[EventNote] = []
+    sessions = [r for r in records if r.action in _ACTION_VERB and r.outcome != "intent"]
+    terminated = [r for r in sessions if r.outcome == "done"]
+    dry = [r for r in sessions if r.outcome == "skipped" and r.dry_run]
+    failed = [r for r in records if r.outcome == "failed"]
+    for record in (terminated + dry)[:limit]:
+        notes.append(_session_note(record))
+    shown = min(len(terminated) + len(dry), limit)
+    if len(terminated) + len(dry) > shown:
+        notes.append(_summary(terminated, dry, shown))
+    for record in records:
+        if record.action in _APPLIED and record.outcome == "done":
+            notes.append(
+                EventNote(_APPLIED[record.action], "Normal", _describe_change(record), "Alter")
+            )
+        elif record.action in _APPLIED and record.outcome == "skipped" and record.dry_run:
+            message = f"would apply (DryRun): {_describe_change(record)}"
+            notes.append(EventNote(WOULD_APPLY, "Normal", message, "Alter"))
+    for record in failed[:limit]:
+        message = f"could not {record.action} {record.target}: {record.detail}"
+        notes.append(EventNote(ACTION_FAILED, "Warning", message, _verb(record.action)))
+    return notes
+
+
+def pressure_note(previous: str | None, current: str, summary: str) -> EventNote | None:
+    """PressureDetected when pressure appears or rises, PressureRelieved when it is gone."""
+    before = _PRESSURE_RANK.get(previous or "", 0)
+    after = _PRESSURE_RANK.get(current)
+    if after is None:
+        return None
+    if after > before:
+        return EventNote(
+            PRESSURE_DETECTED, "Warning", f"connection pressure {current}: {summary}", "Observe"
+        )
+    if after == 0 and before > 0:
+        message = f"connection pressure back to healthy: {summary}"
+        return EventNote(PRESSURE_RELIEVED, "Normal", message, "Observe")
+    return None
+
+
+def event_manifest(
+    note: EventNote,
+    *,
+    policy: Mapping[str, Any],
+    name: str,
+    count: int,
+    first: datetime,
+    last: datetime,
+    instance: str,
+) -> dict[str, Any]:
+    """A core/v1 Event about ``policy`` (its metadata: name, namespace, uid)."""
+    meta = policy
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": API_VERSION_FULL,
+            "kind": KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "reason": note.reason,
+        "message": note.message[:_MESSAGE_LIMIT],
+        "type": note.type,
+        "action": note.action,
+        "count": count,
+        "firstTimestamp": _seconds(first),
+        "lastTimestamp": _seconds(last),
+        # MicroTime must carry microseconds: the kubernetes client's own formatting does not.
+        "eventTime": _micro(first),
+        "source": {"component": COMPONENT},
+        "reportingComponent": REPORTING_CONTROLLER,
+        "reportingInstance": instance[:128],
+    }
+
+
+def event_name(policy_name: str, note: EventNote, first: datetime) -> str:
+    return f"{policy_name}.{note.key}{int(first.timestamp() * 1000):x}"[:253]
+
+
+def _session_note(record: AuditRecord) -> EventNote:
+    evidence = record.evidence
+    who = ", ".join(
+        f"{label} {value}"
+        for label, value in (
+            ("role", evidence.get("usename")),
+            ("application", repr(evidence.get("application_name") or "")),
+            ("client", evidence.get("client_addr") or "local socket"),
+            ("database", evidence.get("datname")),
+        )
+        if value is not None
+    )
+    age = evidence.get("state_age_s")
+    state = f"{evidence.get('state')} for {human_age(float(age))}" if age is not None else ""
+    what = f"{record.target} ({who}; {state}; {record.reason})"
+    if record.outcome == "done":
+        reason = QUERY_CANCELLED if record.action == "cancel" else BACKEND_TERMINATED
+        verb = "cancelled the query of" if record.action == "cancel" else "terminated"
+        return EventNote(reason, "Normal", f"{verb} {what}", _verb(record.action))
+    verb = "cancel the query of" if record.action == "cancel" else "terminate"
+    return EventNote(WOULD_TERMINATE, "Normal", f"would {verb} (DryRun) {what}", "DryRun")
+
+
+def _summary(
+    terminated: Sequence[AuditRecord], dry: Sequence[AuditRecord], shown: int
+) -> EventNote:
+    records = [*terminated, *dry]
+    rules = Counter(str(r.evidence.get("rule") or r.action) for r in records)
+    by_rule = ", ".join(f"{rule} {count}" for rule, count in rules.most_common())
+    done = f"terminated {len(terminated)}" if terminated else ""
+    would = f"would terminate {len(dry)} (DryRun)" if dry else ""
+    message = (
+        f"{' and '.join(x for x in (done, would) if x)} sessions this cycle ({by_rule}); "
+        f"{shown} are separate Events, the operator's audit log has every one"
+    )
+    return EventNote(BACKENDS_TERMINATED, "Normal", message, "Terminate")
+
+
+def _describe_change(record: AuditRecord) -> str:
+    return f"{record.target}: {record.reason}"
+
+
+def _verb(action: str) -> str:
+    return _ACTION_VERB.get(action, "Alter")
+
+
+def _seconds(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _micro(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

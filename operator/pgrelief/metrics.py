@@ -1,0 +1,148 @@
+"""Prometheus metrics of the operator, per ConnectionPolicy (the only prometheus_client user).
+
+Utilization is measured against *usable* slots (max_connections minus both reserves), the
+number at which PostgreSQL starts refusing ordinary clients; the usual exporters divide by
+max_connections and alert too late. Series of a deleted policy are removed with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from pgrelief.audit import AuditRecord
+from pgrelief.diagnosis import Diagnosis
+
+NAMESPACE = "pgrelief"
+POLICY_LABELS = ("namespace", "policy")
+CYCLE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class OperatorMetrics:
+    """The operator's series, in a registry of its own (tests start several in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = POLICY_LABELS
+        self.connections = Gauge(
+            "connections",
+            "Client backends by pg_stat_activity state at the last diagnosis.",
+            [*labels, "state"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.client_backends = Gauge(
+            "client_backends",
+            "Client backends at the last diagnosis.",
+            labels,
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.usable_slots = Gauge(
+            "usable_slots",
+            "max_connections - superuser_reserved_connections - reserved_connections.",
+            labels,
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.utilization = Gauge(
+            "utilization_ratio",
+            "Client backends / usable slots at the last diagnosis (1.0 = clients refused).",
+            labels,
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.pressure = Gauge(
+            "pressure_level",
+            "Pressure of the last diagnosis: 0 healthy, 1 warning, 2 critical, 3 unknown.",
+            labels,
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.actions = Counter(
+            "actions",
+            "Actions by kind, outcome and rule (terminate rules: idleAfter, ...).",
+            [*labels, "action", "outcome", "rule"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.cycle_seconds = Histogram(
+            "cycle_duration_seconds",
+            "Wall time of one observe-diagnose-plan-act cycle.",
+            labels,
+            namespace=NAMESPACE,
+            buckets=CYCLE_BUCKETS,
+            registry=self.registry,
+        )
+        self.cycle_failures = Counter(
+            "cycle_failures",
+            "Cycles that could not complete, by reason (DatabaseUnreachable, ...).",
+            [*labels, "reason"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            "last_successful_cycle_timestamp_seconds",
+            "Unix time of the last cycle that completed.",
+            labels,
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "policy_ready",
+            "1 when the policy's Ready condition is True.",
+            labels,
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def cycle_done(
+        self,
+        key: tuple[str, str],
+        diagnosis: Diagnosis,
+        records: Sequence[AuditRecord],
+        seconds: float,
+        finished: datetime,
+    ) -> None:
+        totals = diagnosis.totals
+        for state, count in totals.by_state.items():
+            self.connections.labels(*key, state).set(count)
+        self.client_backends.labels(*key).set(totals.client_backends)
+        usable = diagnosis.server.usable_slots if diagnosis.server else 0
+        self.usable_slots.labels(*key).set(usable)
+        self.utilization.labels(*key).set(totals.client_backends / usable if usable else 0.0)
+        self.pressure.labels(*key).set(int(diagnosis.pressure))
+        for record in records:
+            if record.outcome == "intent":
+                continue
+            rule = str(record.evidence.get("rule") or "")
+            self.actions.labels(*key, record.action, record.outcome, rule).inc()
+        self.cycle_seconds.labels(*key).observe(seconds)
+        self.last_success.labels(*key).set(finished.timestamp())
+        self.ready.labels(*key).set(1)
+
+    def cycle_failed(self, key: tuple[str, str], reason: str) -> None:
+        self.cycle_failures.labels(*key, reason).inc()
+        self.ready.labels(*key).set(0)
+        self.pressure.labels(*key).set(3)
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """Drop every series of a deleted policy."""
+        for metric in (
+            self.connections,
+            self.client_backends,
+            self.usable_slots,
+            self.utilization,
+            self.pressure,
+            self.actions,
+            self.cycle_seconds,
+            self.cycle_failures,
+            self.last_success,
+            self.ready,
+        ):
+            metric.remove_by_labels(dict(zip(POLICY_LABELS, key, strict=True)))
