@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pgrelief._dev.embedded import EmbeddedPostgres
@@ -706,6 +706,8 @@ def test_the_fast_path_reads_what_psql_writes(data: bytes) -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(_any_csv())
+# A cell that starts the first data line with U+FEFF: pyarrow took it for a file's BOM.
+@example(b"usename,state_change,pid,state\n\xef\xbb\xbf,2025-03-14 11:59:13.169295+00,1,\n\n")
 def test_the_fast_path_gives_the_reference_result_or_declines(data: bytes) -> None:
     found = fast(data)
     if found is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,6 +30,7 @@ from pgrelief.observe import connect, take_snapshot
 from pgrelief.report import render_json, render_sizing, render_text
 from pgrelief.runner import run_standalone
 from pgrelief.sizing import SizeError, parse_size, size_server
+from pgrelief.snapshot import given_max_connections
 from pgrelief.triage import diagnose_offline
 from pgrelief.web import DEFAULT_PORT, serve
 
@@ -67,22 +69,63 @@ def cli() -> None:
     type=click.Path(path_type=Path),
     help="pg_settings or SHOW ALL output (any of those formats) to go with --activity-file.",
 )
-@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
-@click.option("--idle-after", help="Idle this long counts as a leaked session (default 30m).")
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, None),
+    help="The server's max_connections, for an --activity-file without --settings-file "
+    "(otherwise PostgreSQL's default 100 is assumed, and the report says so); overrides the "
+    "settings file.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: the verdict, the statement to run now and the durable fixes; json: the full "
+    "diagnosis (the contract scripts and monitoring read).",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Text report in full: breakdown tables, and every finding with its evidence and "
+    "statements (the diagnostic queries, pgbouncer.ini, ORM pool settings).",
+)
+@click.option(
+    "--idle-after",
+    help="Idle this long counts as a leaked session (default 30m). Only what to look at: "
+    "the advised idle_session_timeout is never shorter than the default.",
+)
 @click.option(
     "--idle-in-transaction-after",
-    help="Idle in transaction this long is reported (default 60s).",
+    help="Idle in transaction this long is reported (default 60s); the advised timeouts are "
+    "never shorter than the default.",
 )
 @click.option("--long-running-after", help="Active this long is a long-running query (5m).")
 @click.option("--memory", help="Server RAM (e.g. 16GB) to check max_connections against.")
 @click.option("--stack", type=click.Choice(STACKS), help="Force the ORM advice for this stack.")
-@click.option("--warning-percent", type=click.IntRange(1, 100), default=70, show_default=True)
-@click.option("--critical-percent", type=click.IntRange(1, 100), default=90, show_default=True)
+@click.option(
+    "--warning-percent",
+    type=click.IntRange(1, 100),
+    default=70,
+    show_default=True,
+    help="Share of usable slots in use that is a warning (exit 1).",
+)
+@click.option(
+    "--critical-percent",
+    type=click.IntRange(1, 100),
+    default=90,
+    show_default=True,
+    help="Share of usable slots in use that is critical (exit 2).",
+)
 def diagnose(
     dsn: str | None,
     activity_file: Path | None,
     settings_file: Path | None,
+    max_connections: int | None,
     output_format: str,
+    verbose: bool,
     idle_after: str | None,
     idle_in_transaction_after: str | None,
     long_running_after: str | None,
@@ -98,6 +141,11 @@ def diagnose(
     Pasted:  psql -X -c 'select now(), * from pg_stat_activity' -c 'show all' \\
                | pgrelief diagnose --activity-file -
 
+    The report leads with the verdict (what holds the slots, who, since when), the one
+    statement that frees them and the durable fixes; --verbose shows everything. Sessions
+    `pgrelief run` protects by default (superusers, LISTEN sessions, its own) are never in
+    its statements.
+
     The output of the seed's three triage queries (connections by state; by usename,
     application_name and state; the 20 oldest idle sessions with now() - state_change as
     idle_duration) gives a partial diagnosis that says what needs the full dump.
@@ -109,6 +157,10 @@ def diagnose(
         raise click.UsageError("give exactly one of --dsn or --activity-file")
     if settings_file is not None and activity_file is None:
         raise click.UsageError("--settings-file goes with --activity-file")
+    if max_connections is not None and activity_file is None:
+        raise click.UsageError(
+            "--max-connections goes with --activity-file (a live server reports its own)"
+        )
     if warning_percent >= critical_percent:
         raise click.UsageError("--warning-percent must be below --critical-percent")
     try:
@@ -140,9 +192,9 @@ def diagnose(
     diagnosis = (
         _diagnose_live(dsn, options)
         if dsn is not None
-        else _diagnose_files(activity_file, settings_file, options)
+        else _diagnose_files(activity_file, settings_file, options, max_connections)
     )
-    _render(diagnosis, output_format)
+    _render(diagnosis, output_format, verbose=verbose)
     sys.exit(int(diagnosis.status))
 
 
@@ -157,20 +209,26 @@ def _diagnose_live(dsn: str, options: DiagnoseOptions) -> Diagnosis:
 
 
 def _diagnose_files(
-    activity_file: Path | None, settings_file: Path | None, options: DiagnoseOptions
+    activity_file: Path | None,
+    settings_file: Path | None,
+    options: DiagnoseOptions,
+    max_connections: int | None = None,
 ) -> Diagnosis:
 
     assert activity_file is not None
     loaded = load_input(activity_file, settings_file)
-    return diagnose_offline(loaded.found, options, loaded.notes)
+    found = loaded.found
+    if max_connections is not None:
+        found = replace(found, server=given_max_connections(found.server, max_connections))
+    return diagnose_offline(found, options, loaded.notes)
 
 
-def _render(diagnosis: Diagnosis, output_format: str) -> None:
+def _render(diagnosis: Diagnosis, output_format: str, *, verbose: bool = False) -> None:
 
     if output_format == "json":
         render_json(diagnosis, sys.stdout)
     else:
-        render_text(diagnosis, sys.stdout)
+        render_text(diagnosis, sys.stdout, verbose=verbose)
 
 
 @cli.command()
@@ -237,8 +295,21 @@ def _size_option(value: str | None, flag: str) -> int | None:
 @click.option("--per-backend", help="Base memory of one backend (default 10MB).")
 @click.option("--app-instances", type=int, help="Application instances connecting.")
 @click.option("--pool-per-instance", type=int, help="Their ORM pool size each.")
-@click.option("--pgbouncer-replicas", type=int, default=1, show_default=True)
-@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--pgbouncer-replicas",
+    type=int,
+    default=1,
+    show_default=True,
+    help="PgBouncer instances sharing the server's slots (the pools are split between them).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: a table with the reasoning and the SQL; json: the same numbers for scripts.",
+)
 def size(
     ram: str,
     shared_buffers: str | None,
@@ -249,7 +320,11 @@ def size(
     pgbouncer_replicas: int,
     output_format: str,
 ) -> None:
-    """Compute a safe max_connections and pool sizes for a server's memory."""
+    """Compute a safe max_connections and pool sizes for a server's memory.
+
+    A small server gets advice too: when the memory cannot hold a useful max_connections
+    with the defaults, shared_buffers and work_mem are lowered (and said so) before giving up.
+    """
     optional: dict[str, int] = {}
     for key, value, flag in (
         ("work_mem", work_mem, "--work-mem"),
@@ -288,9 +363,19 @@ def size(
 )
 @click.option("--standalone", is_flag=True, help="No peering: for exactly one replica.")
 @click.option("--priority", type=int, help="Peering priority (default: random per process).")
-@click.option("--peering", "peering_name", default="pgrelief", show_default=True)
 @click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--peering",
+    "peering_name",
+    default="pgrelief",
+    show_default=True,
+    help="Name of the kopf peering object the replicas coordinate through.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text or as one JSON object each.",
 )
 @click.option(
     "--audit-file",

@@ -77,6 +77,7 @@ SETTINGS: tuple[str, ...] = (
     "log_connections",
     "log_disconnections",
     "server_version_num",
+    "port",  # what the pgbouncer.ini [databases] entries point at
 )
 
 # One statement, one round trip, one instant. The volatile clock CTE is evaluated once and
@@ -95,10 +96,14 @@ select c.taken_at,
                    a.pid, a.backend_type, a.state, a.usename, a.datname, a.application_name,
                    host(a.client_addr), a.client_port,
                    a.backend_start, a.xact_start, a.query_start, a.state_change,
-                   a.wait_event_type, a.wait_event, a.query, a.leader_pid, r.rolsuper)), '[]')
+                   a.wait_event_type, a.wait_event, a.query, a.leader_pid, r.rolsuper,
+                   -- only of lock waiters: each call takes the lock manager's locks briefly
+                   case when a.wait_event_type = 'Lock' then pg_blocking_pids(a.pid) end)),
+                   '[]')
           from pg_stat_activity a
           left join pg_roles r on r.oid = a.usesysid),
-       (select coalesce(json_agg(json_build_array(s.name, s.reset_val, s.unit, s.context)), '[]')
+       (select coalesce(json_agg(json_build_array(
+                   s.name, s.reset_val, s.unit, s.context, s.source, s.sourcefile)), '[]')
           from pg_settings s
          where s.name = any(%s)),
        (select coalesce(json_agg(json_build_array(
@@ -229,8 +234,15 @@ def take_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
 def _build(row: Sequence[Any]) -> Snapshot:
     taken_at, version_num, own_pid, activity, settings_rows, role_rows, database_rows = row
     settings = {
-        name: Setting(name=name, setting=value, unit=unit, context=context)
-        for name, value, unit, context in settings_rows
+        name: Setting(
+            name=name,
+            setting=value,
+            unit=unit,
+            context=context,
+            source=source,
+            sourcefile=sourcefile,
+        )
+        for name, value, unit, context, source, sourcefile in settings_rows
     }
 
     def number(name: str, default: int) -> int:
@@ -290,6 +302,7 @@ def _session(values: Sequence[Any], taken_at: datetime) -> Session:
         query,
         leader_pid,
         superuser,
+        blocked_by,
     ) = values
     backend_start = _timestamp(backend_start)
     xact_start = _timestamp(xact_start)
@@ -317,6 +330,7 @@ def _session(values: Sequence[Any], taken_at: datetime) -> Session:
         query_age_s=_age(taken_at, query_start),
         state_age_s=_age(taken_at, state_change),
         is_superuser=superuser,
+        blocked_by=None if blocked_by is None else tuple(blocked_by),
     )
 
 

@@ -264,7 +264,7 @@ def test_the_database_going_down_and_back_is_followed(
         assert condition(get_policy(kube_apiserver, ns, "flaky"), "Ready")["status"] == "True"
         assert len(events(kube_apiserver, ns, "DatabaseUnreachable")) == 1
     finally:
-        proxy.close()
+        proxy.release()
 
 
 def test_many_terminations_in_one_cycle_emit_bounded_events(

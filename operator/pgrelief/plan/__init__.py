@@ -59,7 +59,7 @@ from pgrelief.plan.actions import (
 )
 from pgrelief.plan.limits import RELOADABLE_CONTEXTS, plan_limits
 from pgrelief.plan.pg_values import format_pg_duration, setting_text
-from pgrelief.plan.revert import plan_revert
+from pgrelief.plan.revert import original_value, plan_revert
 from pgrelief.plan.selection import is_superuser, matching_application, not_selected, protection
 from pgrelief.plan.terminations import UNDER_PRESSURE, SessionPlan, harm_order, plan_sessions
 from pgrelief.policy import ConnectionPolicySpec
@@ -119,7 +119,7 @@ def plan(
     originals: dict[str, str | None] = {}
     for change in changes:
         if change.key not in history.originals and change.key not in originals:
-            originals[change.key] = _as_original(change.previous)
+            originals[change.key] = original_value(change, snapshot)
     return Plan(
         actions=(*sessions.actions, *changes, *recommendations),
         skipped=sessions.skipped,
@@ -127,7 +127,3 @@ def plan(
         budget_exhausted=sessions.budget_exhausted,
         next_deadline=sessions.next_deadline,
     )
-
-
-def _as_original(previous: int | str | None) -> str | None:
-    return None if previous is None else str(previous)

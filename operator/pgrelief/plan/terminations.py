@@ -40,7 +40,7 @@ from pgrelief.plan.actions import (
     TerminateBackend,
     query_identity,
 )
-from pgrelief.plan.selection import not_selected, protection
+from pgrelief.plan.selection import not_selected, protect_of, protection
 from pgrelief.policy import BudgetSpec, ConnectionPolicySpec, RemediationSpec
 from pgrelief.snapshot import (
     ACTIVE,
@@ -133,7 +133,7 @@ def plan_sessions(
     """
     remediation = policy_spec.remediation
     rules = _Rules.of(remediation)
-    networks = remediation.protect.networks()
+    protect = protect_of(remediation.protect)
     eligible: list[SessionAction] = []
     spared: list[SkippedSession] = []
     due: list[float] = []  # seconds until a session not acted on now comes due
@@ -141,9 +141,7 @@ def plan_sessions(
         match = _match(session, snapshot, rules, history, now, pressure)
         if match is None:
             continue
-        why = protection(session, snapshot, remediation.protect, networks) or not_selected(
-            session, remediation.select
-        )
+        why = protection(session, snapshot, protect) or not_selected(session, remediation.select)
         if match.candidate is None:
             if why is None and match.due_in_s is not None:
                 due.append(match.due_in_s)
