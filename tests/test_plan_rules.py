@@ -365,6 +365,17 @@ def test_a_deadline_about_to_come_is_kept_to_the_moment() -> None:
     assert soon.wait_s(1.0, since=100.0, now=100.1) == pytest.approx(0.001)
 
 
+def test_cycles_start_at_least_the_floor_apart() -> None:
+    # A short cycle (5 ms), sessions coming due right after it: the next waits out the floor
+    # and takes every session due by then, instead of one cycle each.
+    assert report(Severity.CRITICAL, 100.008).wait_s(1.0, since=100.0, now=100.005) == (
+        pytest.approx(DEADLINE_FLOOR_S - 0.005)
+    )
+    assert report(Severity.CRITICAL, 100.004).wait_s(1.0, since=100.0, now=100.005) == (
+        pytest.approx(DEADLINE_FLOOR_S - 0.005)
+    )
+
+
 def test_dry_run_and_no_deadline_keep_the_interval() -> None:
     assert report(Severity.CRITICAL, 100.3, dry_run=True).wait_s(
         1.0, since=100.0, now=100.1

@@ -17,9 +17,10 @@ once:
 When to run the next cycle is decided here too, for both drivers: ``CycleReport.wait_s``.
 Under pressure (and enforcing) the next cycle runs at the moment the next session crosses
 its threshold (``Plan.next_deadline``), so relief comes when PostgreSQL's own timeout would
-fire instead of up to an interval late. A deadline that was already due when the snapshot
-was taken (sessions ``maxPerCycle`` left over) waits ``DEADLINE_FLOOR_S``, so the loop never
-spins against the server; one that passed while the cycle ran is new work: no wait. When
+fire instead of up to an interval late. Cycles start at least ``DEADLINE_FLOOR_S`` apart. A
+deadline that was already due when the snapshot was taken (sessions ``maxPerCycle`` left
+over) waits ``DEADLINE_FLOOR_S`` after the cycle, so the loop never spins against the
+server; one that passed while the cycle ran is new work: no wait beyond the floor. When
 healthy, every ``spec.interval``.
 """
 
@@ -96,7 +97,8 @@ class CycleReport:
         ``since`` is ``time.monotonic()`` when this cycle started. Healthy, in DryRun, or
         with nothing coming due: the rest of ``interval_s``. Under pressure and enforcing:
         until the next deadline if that is sooner (no wait if it passed during this cycle),
-        or ``DEADLINE_FLOOR_S`` when it was due at the snapshot already.
+        but no sooner than ``DEADLINE_FLOOR_S`` after ``since``; ``DEADLINE_FLOOR_S`` when it
+        was due at the snapshot already.
         """
         now = time.monotonic() if now is None else now
         regular = max(since + interval_s - now, 0.0)
@@ -104,7 +106,9 @@ class CycleReport:
             return regular
         if self.deadline_was_due:
             return DEADLINE_FLOOR_S
-        return max(min(regular, self.deadline_at - now), 0.0)
+        # Never sooner than DEADLINE_FLOOR_S after this cycle started: sessions coming due a
+        # few milliseconds apart (a burst of leaks) share one cycle instead of one each.
+        return max(min(regular, self.deadline_at - now), since + DEADLINE_FLOOR_S - now, 0.0)
 
 
 def policy_label(policy: ConnectionPolicy) -> str:
