@@ -58,10 +58,6 @@ BACKOFF_MAX = timedelta(minutes=10)
 # The wait before the next cycle when the deadline was due at the snapshot already: sessions
 # left over by maxPerCycle must not spin the loop against the server.
 DEADLINE_FLOOR_S = 0.025
-# The snapshot's clock_timestamp() is read on the server after the statement was sent and
-# parsed: mapped from the send time, a deadline falls this much later, so the cycle it wakes
-# does not come a moment early (and find the session a hair short of its threshold).
-_CLOCK_MARGIN_S = 0.002
 _SIGNALS = ("terminate", "cancel")
 
 
@@ -155,8 +151,11 @@ class Cycle:
         return self.force_dry_run or self.policy.spec.remediation.mode == "DryRun"
 
     def run(self, conn: Connection, stopping: threading.Event | None = None) -> CycleReport:
-        observed_at = time.monotonic() + _CLOCK_MARGIN_S  # see _CLOCK_MARGIN_S
         snapshot = take_snapshot(conn)
+        # The snapshot's clock_timestamp() was read on the server before its rows came back:
+        # mapped from now, a deadline falls a moment late, never early. An early wake would
+        # find the session a hair short of its threshold and wait out DEADLINE_FLOOR_S.
+        observed_at = time.monotonic()
         diagnosis = diagnose(snapshot, diagnose_options(self.policy))
         now = self.clock()
         self._forget_gone({session_identity(s.pid, s.backend_start) for s in snapshot.sessions})
