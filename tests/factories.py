@@ -128,6 +128,7 @@ MANAGED_SETTINGS: Mapping[str, Setting] = settings(
     tcp_keepalives_interval=("0", "s"),
     tcp_keepalives_count="0",
     client_connection_check_interval=("0", "ms"),
+    transaction_timeout=("0", "ms"),
 )
 
 
@@ -210,6 +211,8 @@ def enforce(
     only_under_pressure: bool = True,
     limits: Mapping[str, Any] | None = None,
     mode: str = "Enforce",
+    cancel: Mapping[str, str] | None = None,
+    select: Mapping[str, Any] | None = None,
 ) -> ConnectionPolicySpec:
     """An Enforce policy terminating idle sessions after 10m unless told otherwise."""
     remediation: dict[str, Any] = {
@@ -221,6 +224,10 @@ def enforce(
         remediation["budget"] = dict(budget)
     if protect is not None:
         remediation["protect"] = dict(protect)
+    if cancel is not None:
+        remediation["cancel"] = dict(cancel)
+    if select is not None:
+        remediation["select"] = dict(select)
     sections: dict[str, Any] = {"remediation": remediation}
     if limits is not None:
         sections["limits"] = dict(limits)

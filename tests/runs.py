@@ -16,15 +16,17 @@ apiVersion: pgrelief.dev/v1alpha1
 kind: ConnectionPolicy
 metadata: {{name: test, namespace: pytest}}
 spec:
-  interval: 200ms
+  interval: {interval}
   remediation:
     mode: {mode}
     onlyUnderPressure: {only_under_pressure}
-    terminate: {{idleAfter: 1s, idleInTransactionAfter: 1s, idleInTransactionAbortedAfter: 1s}}
+    terminate: {terminate}
+    cancel: {cancel}
     budget: {{maxPerCycle: {per_cycle}, maxPerHour: {per_hour}}}
+    select: {select}
     protect:
       roles: [reporting]
-      applications: [nightly-export]
+      applications: {protect_applications}
       superusers: true
       listeners: true
   limits:
@@ -32,6 +34,7 @@ spec:
     databases: {databases}
 """
 AGE_PAST_THRESHOLD_S = 1.2
+IDLE_RULES = "{idleAfter: 1s, idleInTransactionAfter: 1s, idleInTransactionAbortedAfter: 1s}"
 
 
 def write_policy(
@@ -43,10 +46,20 @@ def write_policy(
     per_hour: int = 1000,
     roles: str = "[]",
     databases: str = "[]",
+    terminate: str = IDLE_RULES,
+    cancel: str = "{}",
+    select: str = "{}",
+    protect_applications: str = "[nightly-export]",
+    interval: str = "200ms",
 ) -> Path:
     path = tmp_path / "policy.yaml"
     path.write_text(
         POLICY.format(
+            interval=interval,
+            terminate=terminate,
+            cancel=cancel,
+            select=select,
+            protect_applications=protect_applications,
             mode=mode,
             only_under_pressure=str(only_under_pressure).lower(),
             per_cycle=per_cycle,

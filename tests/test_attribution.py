@@ -23,7 +23,7 @@ from pgrelief.audit import DRY_RUN_DETAIL, AuditRecord
 from pgrelief.diagnose import diagnose
 from pgrelief.diagnosis import POOLER_WAITING, Severity
 from pgrelief.manifests.events import BACKENDS_TERMINATED, WOULD_TERMINATE, workload_notes
-from pgrelief.plan.terminations import protect_of
+from pgrelief.plan.selection import protect_of
 from pgrelief.policy import ProtectSpec, WorkloadSelector
 from pgrelief.protection import protection
 from pgrelief.snapshot import IDLE_IN_TRANSACTION

@@ -292,6 +292,9 @@ def test_example_policies_load_in_pgrelief_run(path: Path, pg_server: Any, tmp_p
         {"pressure": {"warningPercent": 0}},
         {"limits": {"roles": [{"name": "x" * 64}]}},
         {"pgbouncer": {"poolMode": "pooled"}},
+        {"remediation": {"cancel": {"activeAfter": "ten minutes"}}},
+        {"remediation": {"select": {"databases": ["x" * 64]}}},
+        {"limits": {"server": {"transactionTimeout": "1 hour"}}},
     ],
 )
 def test_crd_schema_and_model_both_refuse(bad_spec: dict[str, Any]) -> None:
@@ -354,6 +357,28 @@ def test_crd_on_a_real_api_server(kube_apiserver: Any) -> None:
     assert stored["spec"]["remediation"]["budget"] == {"maxPerCycle": 10, "maxPerHour": 100}
     assert stored["spec"]["pressure"] == {"warningPercent": 70, "criticalPercent": 90}
     assert validate_spec(stored["spec"]).postgres.host == "db"
+
+    # The relief rules (cancel, select, transaction_timeout) are stored as written.
+    rules = {
+        "postgres": {"host": "db"},
+        "remediation": {
+            "cancel": {"activeAfter": "10m", "escalateAfter": "30s"},
+            "select": {"applications": ["checkout-*"], "roles": ["app"]},
+            "protect": {"applications": ["checkout-admin*"]},
+        },
+        "limits": {
+            "roles": [{"name": "app", "transactionTimeout": "5m"}],
+            "server": {"transactionTimeout": "1h"},
+        },
+    }
+    _apply(kube, _policy(namespace, "relief-rules", rules))
+    stored = json.loads(
+        kube.kubectl("get", "cpol", "relief-rules", "-n", namespace, "-o", "json").stdout
+    )
+    assert stored["spec"]["remediation"]["cancel"] == rules["remediation"]["cancel"]
+    assert stored["spec"]["remediation"]["select"]["applications"] == ["checkout-*"]
+    assert stored["spec"]["limits"]["server"] == {"transactionTimeout": "1h"}
+    assert validate_spec(stored["spec"]).remediation.cancel.escalate_after == "30s"
 
     # The status subresource takes the operator's status, and the printer columns show it.
     status = {
@@ -418,6 +443,10 @@ def test_crd_on_a_real_api_server(kube_apiserver: Any) -> None:
         "reserved-slots": (
             {"limits": {"server": {"maxConnections": 5, "superuserReservedConnections": 5}}},
             "must be lower than maxConnections",
+        ),
+        "escalate-alone": (
+            {"remediation": {"cancel": {"escalateAfter": "30s"}}},
+            "escalateAfter needs activeAfter",
         ),
     }
     for name, (bad_spec, reason) in refusals.items():

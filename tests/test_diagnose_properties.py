@@ -25,7 +25,7 @@ from pgrelief.diagnosis import (
     LONG_RUNNING,
     Severity,
 )
-from pgrelief.plan.terminations import protect_of
+from pgrelief.plan.selection import protect_of
 from pgrelief.policy import ProtectSpec
 from pgrelief.protection import (
     RUN_DEFAULTS,
@@ -246,7 +246,8 @@ _PROTECTS = st.builds(
     superusers=st.booleans(),
     listeners=st.booleans(),
     roles=st.frozensets(_NAMES, max_size=2),
-    applications=st.frozensets(_APPS, max_size=2),
+    # Glob patterns too: the memoized verdict must hold for names a pattern tells apart.
+    applications=st.frozensets(_APPS | st.sampled_from(["p*", "*e*", "[sc]*"]), max_size=2),
     databases=st.frozensets(st.sampled_from(["appdb", "postgres"]), max_size=1),
     networks=st.sampled_from([(), (ipaddress.ip_network("10.0.0.0/31"),)]),
 )

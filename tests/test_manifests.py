@@ -13,6 +13,7 @@ from pgrelief.manifests.events import (
     BACKENDS_TERMINATED,
     PRESSURE_DETECTED,
     PRESSURE_RELIEVED,
+    QUERY_CANCELLED,
     ROLE_LIMIT_APPLIED,
     WOULD_TERMINATE,
     cycle_notes,
@@ -29,6 +30,7 @@ from pgrelief.manifests.status import (
     not_ready,
     with_condition,
 )
+from pgrelief.plan import CancelQuery
 from pgrelief.policy import ConnectionPolicyStatus
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -233,3 +235,51 @@ def test_the_event_object_is_a_valid_core_v1_event() -> None:
     }
     assert body["eventTime"] == "2026-12-05T12:00:00.000000Z"  # MicroTime needs microseconds
     assert body["lastTimestamp"] == "2026-12-05T12:00:05Z" and body["count"] == 3
+
+
+def cancelled(pid: int, *, dry_run: bool = False) -> AuditRecord:
+    action = CancelQuery(
+        pid=pid,
+        backend_start=NOW,
+        query_start=NOW,
+        usename="app",
+        datname="shop",
+        application_name="reports",
+        client_addr=None,
+        age_s=720.0,
+        threshold="10m",
+    )
+    return AuditRecord(
+        ts=NOW,
+        action=action.action,
+        target=action.target,
+        reason=action.reason,
+        evidence=action.evidence,
+        dry_run=dry_run,
+        outcome="skipped" if dry_run else "done",
+        detail=DRY_RUN_DETAIL if dry_run else "",
+    )
+
+
+def test_a_cancel_is_a_query_cancelled_event_that_reads_like_one() -> None:
+    [done] = cycle_notes([cancelled(5)])
+    assert done.reason == QUERY_CANCELLED and done.action == "Cancel"
+    assert done.message == (
+        "cancelled the query of pid 5 (role app, application 'reports', client local socket, "
+        "database shop; query running for 12m0s (rule activeAfter: 10m))"
+    )
+    [would] = cycle_notes([cancelled(6, dry_run=True)])
+    assert would.message.startswith("would cancel (DryRun) the query of pid 6 (role app")
+
+
+def test_the_summary_counts_cancels_apart_from_terminations() -> None:
+    notes = cycle_notes(
+        [cancelled(p) for p in range(3)]
+        + [terminated(p) for p in range(10, 19)]
+        + [cancelled(20, dry_run=True)]
+    )
+    [summary] = [n for n in notes if n.reason == BACKENDS_TERMINATED]
+    assert summary.message.startswith(
+        "terminated 9 and cancelled the queries of 3 and would cancel the queries of 1 (DryRun) "
+        "sessions this cycle (idleInTransactionAfter 9, activeAfter 4)"
+    )

@@ -97,11 +97,11 @@ def test_each_rule_applies_to_its_own_state_only() -> None:
         session(9, "fastpath function call", 99999),
     ]
     result = plan(policy, snapshot(sessions), Severity.CRITICAL, EMPTY, NOW)
-    assert pids(result) == [5, 1, 3]  # oldest first
+    assert pids(result) == [3, 1, 5]  # harm order: aborted, in transaction, idle
     assert [t.rule for t in result.terminations] == [
-        "idleAfter",
-        "idleInTransactionAfter",
         "idleInTransactionAbortedAfter",
+        "idleInTransactionAfter",
+        "idleAfter",
     ]
 
 

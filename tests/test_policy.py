@@ -265,6 +265,25 @@ def test_snake_case_names_work_in_python() -> None:
             "spec.remediation.terminate.idleAfter: duration '0s' must be greater than zero",
         ),
         (
+            "remediation: {cancel: {escalateAfter: 30s}}",
+            "spec.remediation.cancel: escalateAfter needs activeAfter: only a cancelled query "
+            "escalates",
+        ),
+        (
+            "remediation: {cancel: {activeAfter: 0s}}",
+            "spec.remediation.cancel.activeAfter: duration '0s' must be greater than zero",
+        ),
+        (
+            "remediation: {select: {roles: [app, app2], colour: blue}}",
+            "spec.remediation.select.colour: unknown field (allowed: roles, applications, "
+            "databases)",
+        ),
+        (
+            "limits: {roles: [{name: app, transactionTimeout: 0.5ms}]}",
+            "spec.limits.roles[0].transactionTimeout: duration '0.5ms' must be a whole number "
+            "of milliseconds",
+        ),
+        (
             "interval: 10ms",
             "spec.interval: interval '10ms' is too short; the minimum is 100ms",
         ),

@@ -3,7 +3,8 @@
 This is the only module that changes a PostgreSQL server. Two rules shape it: a termination
 re-checks, in the same statement, that the session is still the one observed (same pid,
 backend_start, state and state_change), so a session that turned active or a reused pid is
-never killed; and every action, performed or not, becomes one audit record with its outcome.
+never killed, and a cancel that the query is (same pid, backend_start and query_start, still
+active); and every action, performed or not, becomes one audit record with its outcome.
 All names and values reach SQL through ``psycopg.sql`` (DDL cannot take server-side
 parameters); the ALTER statements themselves are described once, in ``statements``.
 """
@@ -21,6 +22,7 @@ from psycopg import sql
 from pgrelief.audit import DRY_RUN_DETAIL, AuditRecord, AuditSink, Outcome
 from pgrelief.plan import (
     Action,
+    CancelQuery,
     Recommendation,
     SetDatabaseConnectionLimit,
     SetRoleConnectionLimit,
@@ -40,35 +42,60 @@ _EXIT_POLL_S = 0.005
 
 # One statement signals the whole batch. Each row repeats the session as observed, so a
 # session that became active, or a pid reused by a new backend, matches nothing and is left
-# alone; a session our role may not signal (pg_signal_backend's rules: never a superuser's
-# backend unless we are one; otherwise a role we have the privileges of, or membership in
-# pg_signal_backend) is reported instead of failing the whole statement.
-_TERMINATE_BATCH = sql.SQL(
+# alone; a session our role may not signal (pg_signal_backend's rules, the same for cancel and
+# terminate: never a superuser's backend unless we are one; otherwise a role we have the
+# privileges of, or membership in pg_signal_backend) is reported instead of failing the whole
+# statement. Only the columns compared and the function called differ between the two.
+#
+# pg_stat_activity is a snapshot taken once per transaction, at its first read: checking a
+# whole batch against it and then signalling leaves a window (milliseconds on a loaded
+# server; the relief bench caught a session terminated mid-statement through it) in which a
+# session may start a statement. So each row is read afresh, alone, right before its signal:
+# pg_stat_clear_snapshot() runs as part of the argument of that row's pg_stat_get_activity,
+# and the signal is in the projection of the row that passed the check.
+_SIGNAL_BATCH = sql.SQL(
     """
-    with wanted as (
-        select * from unnest(%(pids)s::int[], %(starts)s::timestamptz[], %(states)s::text[],
-                             %(changes)s::timestamptz[])
-                   as w(pid, backend_start, state, state_change)
-    ), me as (
+    with me as (
         select rolsuper from pg_roles where rolname = current_user
-    ), matched as (
-        select a.pid,
-               coalesce((select rolsuper from me), false)
-               or (not coalesce(r.rolsuper, true)
-                   and (pg_has_role(current_user, a.usesysid, 'USAGE')
-                        or pg_has_role(current_user, 'pg_signal_backend', 'USAGE')))
-               as permitted
-          from pg_stat_activity a
-          join wanted w on w.pid = a.pid
-          left join pg_roles r on r.oid = a.usesysid
-         where a.backend_type = 'client backend'
-           and a.backend_start is not distinct from w.backend_start
-           and a.state is not distinct from w.state
-           and a.state_change is not distinct from w.state_change
     )
-    select pid, permitted, case when permitted then pg_terminate_backend(pid) end
-      from matched
+    select w.pid, s.permitted, s.signalled
+      from unnest({arrays}) as w({columns})
+     cross join lateral (
+        select fresh.permitted,
+               case when fresh.permitted then {signal}(fresh.pid) end as signalled
+          from (
+            select a.pid,
+                   coalesce((select rolsuper from me), false)
+                   or (not coalesce(r.rolsuper, true)
+                       and (pg_has_role(current_user, a.usesysid, 'USAGE')
+                            or pg_has_role(current_user, 'pg_signal_backend', 'USAGE')))
+                   as permitted
+              from pg_stat_get_activity(w.pid + 0 * length(pg_stat_clear_snapshot()::text)) a
+              left join pg_roles r on r.oid = a.usesysid
+             where a.backend_type = 'client backend'
+               and a.backend_start is not distinct from w.backend_start
+               and {same}
+          ) fresh
+     ) s
     """
+)
+_TERMINATE_BATCH = _SIGNAL_BATCH.format(
+    arrays=sql.SQL(
+        "%(pids)s::int[], %(starts)s::timestamptz[], %(states)s::text[], %(changes)s::timestamptz[]"
+    ),
+    columns=sql.SQL("pid, backend_start, state, state_change"),
+    same=sql.SQL(
+        "a.state is not distinct from w.state"
+        " and a.state_change is not distinct from w.state_change"
+    ),
+    signal=sql.SQL("pg_terminate_backend"),
+)
+# A cancel is for the query observed: still running (state 'active'), same query_start.
+_CANCEL_BATCH = _SIGNAL_BATCH.format(
+    arrays=sql.SQL("%(pids)s::int[], %(starts)s::timestamptz[], %(queries)s::timestamptz[]"),
+    columns=sql.SQL("pid, backend_start, query_start"),
+    same=sql.SQL("a.state = 'active' and a.query_start is not distinct from w.query_start"),
+    signal=sql.SQL("pg_cancel_backend"),
 )
 _STILL_THERE = sql.SQL(
     """
@@ -79,7 +106,13 @@ _STILL_THERE = sql.SQL(
 )
 
 CHANGED_SINCE_OBSERVED = "session changed since it was observed (gone, active again, or pid reused)"
+QUERY_CHANGED = "the query changed since it was observed (finished, another query, or pid reused)"
 INTENT = "about to terminate; the outcome follows in the next record for this target"
+CANCEL_INTENT = "about to cancel; the outcome follows in the next record for this target"
+PERMISSION_DENIED = (
+    "permission denied: pgrelief's role may not signal this session's role "
+    "(grant it pg_signal_backend; a superuser's session needs a superuser)"
+)
 
 
 def execute(
@@ -93,9 +126,9 @@ def execute(
 ) -> list[AuditRecord]:
     """Perform ``actions`` (or, with ``dry_run``, none) and return one outcome record each.
 
-    Records reach ``sink`` as they happen: a termination's intent before it is signalled, its
-    outcome once the batch is done, each ALTER's right after it ran. When ``sink`` raises, the
-    actions after that point are not attempted.
+    Records reach ``sink`` as they happen: the intent of every termination and cancel before
+    any is signalled, their outcomes once the batches are done, each ALTER's right after it
+    ran. When ``sink`` raises, the actions after that point are not attempted.
     """
     emit = sink or (lambda _records: None)
 
@@ -118,15 +151,22 @@ def execute(
         return records
     records = []
     terminations = [a for a in actions if isinstance(a, TerminateBackend)]
-    if terminations:
-        emit([record(a, "intent", INTENT) for a in terminations])
-        outcomes = terminate_batch(conn, terminations)
+    cancels = [a for a in actions if isinstance(a, CancelQuery)]
+    if terminations or cancels:
+        # One durable write for every intent: the sessions are freed sooner than with one each.
+        emit(
+            [record(a, "intent", INTENT) for a in terminations]
+            + [record(a, "intent", CANCEL_INTENT) for a in cancels]
+        )
+        outcomes = terminate_batch(conn, terminations) if terminations else {}
+        cancelled = cancel_batch(conn, cancels) if cancels else {}
         done = [record(a, *outcomes[a.pid]) for a in terminations]
+        done += [record(a, *cancelled[a.pid]) for a in cancels]
         emit(done)
         records.extend(done)
     reload_needed = False
     for action in actions:
-        if isinstance(action, TerminateBackend):
+        if isinstance(action, TerminateBackend | CancelQuery):
             continue
         outcome: Outcome
         if isinstance(action, Recommendation):
@@ -173,11 +213,7 @@ def terminate_batch(
     signalled: set[int] = set()
     for pid, permitted, result in rows:
         if not permitted:
-            outcomes[pid] = (
-                "failed",
-                "permission denied: pgrelief's role may not signal this session's role "
-                "(grant it pg_signal_backend; a superuser's session needs a superuser)",
-            )
+            outcomes[pid] = ("failed", PERMISSION_DENIED)
         elif not result:
             outcomes[pid] = ("failed", "pg_terminate_backend returned false (already exiting?)")
         else:
@@ -186,6 +222,36 @@ def terminate_batch(
     lingering = _wait_for_exit(conn, [t for t in terminations if t.pid in signalled], wait_s)
     for pid in lingering:
         outcomes[pid] = ("done", f"signalled; the backend had not exited after {wait_s:g}s")
+    return outcomes
+
+
+def cancel_batch(
+    conn: Connection, cancels: Sequence[CancelQuery]
+) -> dict[int, tuple[Outcome, str]]:
+    """Cancel every query still running as observed, in one statement.
+
+    Returns (outcome, detail) per pid: done once signalled (the query ends at its next
+    interrupt check; one that ignores it is escalated by a later cycle), skipped when the
+    query changed, failed when our role may not signal the session or the statement failed.
+    """
+    params = {
+        "pids": [c.pid for c in cancels],
+        "starts": [c.backend_start for c in cancels],
+        "queries": [c.query_start for c in cancels],
+    }
+    outcomes: dict[int, tuple[Outcome, str]] = {c.pid: ("skipped", QUERY_CHANGED) for c in cancels}
+    try:
+        rows = conn.execute(_CANCEL_BATCH, params).fetchall()
+    except psycopg.Error as error:
+        detail = f"the cancel statement failed, nothing is known to be done: {_error_text(error)}"
+        return {c.pid: ("failed", detail) for c in cancels}
+    for pid, permitted, result in rows:
+        if not permitted:
+            outcomes[pid] = ("failed", PERMISSION_DENIED)
+        elif not result:
+            outcomes[pid] = ("failed", "pg_cancel_backend returned false (the backend is gone?)")
+        else:
+            outcomes[pid] = ("done", "")
     return outcomes
 
 

@@ -5,10 +5,10 @@ every planned action produces exactly one outcome record, including dry runs and
 with the evidence that justified it. The field names are a contract (DESIGN.md, ``pgrelief
 run``).
 
-A termination cannot be undone, so its record is written *before* it happens: an ``intent``
-record per session, flushed to disk, then the statement, then the outcome record. A crash can
-therefore leave an intent without an outcome (something perhaps not done), never a terminated
-session without a record. The file sink fsyncs every batch and says which file failed and
+A termination or a cancel cannot be undone, so its record is written *before* it happens: an
+``intent`` record per session, flushed to disk, then the statement, then the outcome record.
+A crash can therefore leave an intent without an outcome (something perhaps not done), never a
+terminated session without a record. The file sink fsyncs every batch and says which file failed and
 which records it could not write, so a caller can stop cleanly instead of acting blind.
 """
 

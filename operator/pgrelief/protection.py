@@ -1,19 +1,25 @@
 """Which sessions pgrelief never terminates: one rule for what `run` spares and `diagnose` proposes.
 
-`run` spares sessions by the policy's ``protect`` section; `diagnose` has no policy, yet the
-terminate statements it prints must not target what `run` would protect by default (LISTEN
-sessions, superusers, pgrelief's own session). Both ask this module, so the two can never
-disagree. It sits below ``diagnose`` and ``policy`` (which may not import each other) and
-takes the protections as plain values: ``plan`` converts a policy's ``ProtectSpec`` into a
-``Protect``; ``RUN_DEFAULTS`` is what a policy protects when it says nothing (a test keeps the
-two equal).
+`run` spares sessions by the policy's ``protect`` section (it neither terminates them nor
+cancels their queries); `diagnose` has no policy, yet the terminate statements it prints
+must not target what `run` would protect by default (LISTEN sessions, superusers,
+pgrelief's own session). Both ask this module, so the two can never disagree. It sits
+below ``diagnose`` and ``policy`` (which may not import each other) and takes the
+protections as plain values: ``plan`` converts a policy's ``ProtectSpec`` into a
+``Protect``; ``RUN_DEFAULTS`` is what a policy protects when it says nothing (a test keeps
+the two equal).
+
+Application names match an entry exactly or as a glob pattern (``admin-*``; ``fnmatch``
+rules, case-sensitive); roles and databases match exactly, like PostgreSQL names. An exact
+match is tried first so a name containing glob characters (``api [eu]``) still matches itself.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -78,10 +84,12 @@ def protection(
             return Spared(SUPERUSER, "superuser (protect.superusers)")
     if session.usename is not None and session.usename in protect.roles:
         return Spared(ROLE, f"protected role {quoted_name(session.usename)}")
-    if session.application_name in protect.applications:
-        return Spared(
-            APPLICATION, f"protected application {quote_literal(session.application_name)}"
-        )
+    pattern = matching_application(session.application_name, protect.applications)
+    if pattern is not None:
+        shown = quote_literal(session.application_name)
+        if pattern != session.application_name:
+            shown += f" (matches {quote_literal(pattern)})"
+        return Spared(APPLICATION, f"protected application {shown}")
     if session.datname is not None and session.datname in protect.databases:
         return Spared(DATABASE, f"protected database {quoted_name(session.datname)}")
     network = covering_network(session.client_addr, protect.networks)
@@ -120,6 +128,14 @@ def _protected_workload(
                 WORKLOAD, f"may come from protected workload {possible.label} ({origin.why})"
             )
     return None
+
+
+def matching_application(name: str, patterns: Collection[str]) -> str | None:
+    """The entry of ``patterns`` that ``name`` equals, or else the first (sorted) it matches
+    as a glob; None when none does."""
+    if name in patterns:
+        return name
+    return next((p for p in sorted(patterns) if fnmatchcase(name, p)), None)
 
 
 def is_superuser(session: Session, snapshot: Snapshot) -> bool | None:

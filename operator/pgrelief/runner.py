@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,14 +104,18 @@ class Runner:
         ).start()
 
     def loop(self, *, on_cycle: Callable[[CycleReport], None]) -> None:
-        """Cycles every ``spec.interval`` until ``stop``; outages are waited out, not fatal."""
+        """Cycles until ``stop``; outages are waited out, not fatal.
+
+        Healthy, a cycle starts every ``spec.interval``; under pressure, at the moment the
+        next session comes due if that is sooner (``CycleReport.wait_s``).
+        """
         interval = self.policy.spec.interval_seconds
         retry = RETRY_FIRST_S
         while not self.stopping.is_set():
-            started = self.clock()
+            started = time.monotonic()
             try:
-                on_cycle(self.cycle())
-                retry = RETRY_FIRST_S
+                report = self.cycle()
+                on_cycle(report)
             except (ConnectFailed, ServerRefused) as error:
                 log.error("%s; retrying in %.0fs", error, retry)
                 self.stopping.wait(retry)
@@ -123,8 +128,11 @@ class Runner:
             except psycopg.OperationalError as error:
                 # The lifeline dropped mid-cycle: the next cycle reconnects with backoff.
                 log.error("lost the connection during a cycle: %s", str(error).splitlines()[0])
-            elapsed = (self.clock() - started).total_seconds()
-            self.stopping.wait(max(interval - elapsed, 0.0))
+            else:
+                retry = RETRY_FIRST_S
+                self.stopping.wait(report.wait_s(interval, since=started))
+                continue
+            self.stopping.wait(max(started + interval - time.monotonic(), 0.0))
 
     def _record(self, records: Sequence[AuditRecord]) -> None:
         self._audit.write(records)

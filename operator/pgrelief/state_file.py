@@ -29,6 +29,7 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.history = self._load()
+        self._saved = self.history.to_json()
 
     def check(self) -> None:
         """Fail now, naming the file, if the state could not be saved later."""
@@ -45,17 +46,17 @@ class StateStore:
                 probe.unlink(missing_ok=True)
 
     def keep_originals(self, originals: Mapping[str, str | None]) -> None:
-        if self.history.add_originals(originals):
-            self._save()
+        self.history.add_originals(originals)
+        self._save()
 
     def note_terminations(self, times: Iterable[datetime], now: datetime) -> None:
-        if self.history.add_terminations(times, now):
-            self._save()
+        # Also saves the cancels the cycle updated in place (see HistoryStore).
+        self.history.add_terminations(times, now)
+        self._save()
 
     def forget_originals(self) -> None:
-        if self.history.originals:
-            self.history.originals.clear()
-            self._save()
+        self.history.originals.clear()
+        self._save()
 
     def _load(self) -> RemediationHistory:
         if self.path.is_dir():
@@ -64,12 +65,16 @@ class StateStore:
             return RemediationHistory()
         try:
             return RemediationHistory.from_json(json.loads(self.path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError, AttributeError) as error:
-            raise StateFileError(f"cannot read state file {self.path}: {error}") from None
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as error:
+            raise StateFileError(f"cannot read state file {self.path}: {error!s}") from None
 
     def _save(self) -> None:
+        """Write the history if it differs from what the file holds; durable on return."""
+        content = self.history.to_json()
+        if content == self._saved:
+            return
         temporary = self._temporary()
-        text = json.dumps(self.history.to_json(), indent=2, ensure_ascii=False)
+        text = json.dumps(content, indent=2, ensure_ascii=False)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with temporary.open("w", encoding="utf-8") as sink:
@@ -77,6 +82,7 @@ class StateStore:
                 sink.flush()
                 os.fsync(sink.fileno())
             os.replace(temporary, self.path)
+            self._saved = content
         except OSError as error:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)

@@ -19,6 +19,8 @@ import pytest
 from psycopg import sql
 
 from pgrelief._dev.embedded import EmbeddedPostgres
+from pgrelief.errors import ServerRefused
+from pgrelief.observe import connect
 from tests.fixtures.forwarder import Forwarder
 from tests.fixtures.kube import KubeApiServer
 from tests.fixtures.postgres import SessionFactory
@@ -283,6 +285,35 @@ def test_many_terminations_in_one_cycle_emit_bounded_events(
     )
     assert "terminated 15 sessions" in summary[0]["message"]
     assert len(events(kube_apiserver, ns, "BackendTerminated")) == 10
+
+
+def test_under_pressure_a_cycle_runs_when_a_leak_comes_due_not_at_the_interval(
+    kube_apiserver: KubeApiServer,
+    operator: OperatorProcess,
+    pg_server: EmbeddedPostgres,
+    sessions: SessionFactory,
+) -> None:
+    # The deadline-driven cycle reaches the operator through the shared cycle: with an
+    # interval far longer than the test, only the leaks' deadline can wake the next cycle.
+    ns = operator.namespace
+    leaked = [s.pid for s in sessions.fill("app_backend", "leaky")]
+    apply(kube_apiserver, policy_manifest("deadline", ns, host=pg_server.host, port=pg_server.port,
+          spec={"interval": "10min",
+                "remediation": {"mode": "Enforce", "onlyUnderPressure": True,
+                                "terminate": {"idleAfter": "20s"}}}))  # fmt: skip
+    first = wait_condition(kube_apiserver, ns, "deadline", "UnderPressure", status="True")
+    assert first["status"].get("terminationsTotal", 0) == 0, "the leaks were too young"
+    assert alive(sessions.admin, leaked) == set(leaked)
+    wait_until("an ordinary client admitted", lambda: _admitted(pg_server), timeout=60, every=0.5)
+    assert alive(sessions.admin, leaked) < set(leaked)
+
+
+def _admitted(server: EmbeddedPostgres) -> bool:
+    try:
+        with connect(server.dsn("app_backend"), application_name="new-client"):
+            return True
+    except ServerRefused:
+        return False
 
 
 def test_a_restarted_operator_keeps_the_hourly_budget_from_status(

@@ -149,7 +149,8 @@ class PolicyWorker:
 
     # ---- one step (in a worker thread) --------------------------------------------------
     def step(self, raw: Mapping[str, Any]) -> float:
-        """Validate the spec, then run one cycle and publish what it found and did."""
+        """Validate the spec, then run one cycle and publish what it found and did; returns
+        the seconds to wait before the next step."""
         generation = raw["metadata"].get("generation")
         try:
             policy = validate_policy(
@@ -178,7 +179,8 @@ class PolicyWorker:
             return min(self._backoff(), policy.spec.interval_seconds)
         self._publish(policy, report, generation, time.monotonic() - started)
         self._retry = RETRY_FIRST_S
-        return policy.spec.interval_seconds
+        # Under pressure, the moment the next session comes due (the shared cycle decides).
+        return report.wait_s(policy.spec.interval_seconds, since=started)
 
     def _prepare(self, policy: ConnectionPolicy) -> Cycle:
         """The cycle for ``policy``: a new lifeline if how to reach the server changed."""

@@ -53,6 +53,8 @@ _APPLIED = {
     "alter_system": SETTING_APPLIED,
 }
 _ACTION_VERB = {"terminate": "Terminate", "cancel": "Cancel"}
+_VERB_TEXT = {"terminate": "terminate", "cancel": "cancel the queries of"}
+_PAST = {"terminate": "terminated", "cancel": "cancelled the queries of"}
 _PRESSURE_RANK = {"healthy": 0, "warning": 1, "critical": 2}
 
 
@@ -180,14 +182,15 @@ def _session_note(record: AuditRecord, origin: Origin | None = None) -> EventNot
         if value is not None
     )
     age = evidence.get("state_age_s")
+    # A cancel's reason already says how long its query has run: no state part for it.
     state = f"{evidence.get('state')} for {human_age(float(age))}" if age is not None else ""
-    what = f"{record.target} ({who}; {state}; {record.reason})"
+    what = f"{record.target} ({'; '.join(part for part in (who, state, record.reason) if part)})"
     if record.outcome == "done":
         reason = QUERY_CANCELLED if record.action == "cancel" else BACKEND_TERMINATED
         verb = "cancelled the query of" if record.action == "cancel" else "terminated"
         return EventNote(reason, "Normal", f"{verb} {what}", _verb(record.action))
-    verb = "cancel the query of" if record.action == "cancel" else "terminate"
-    return EventNote(WOULD_TERMINATE, "Normal", f"would {verb} (DryRun) {what}", "DryRun")
+    verb = "cancel (DryRun) the query of" if record.action == "cancel" else "terminate (DryRun)"
+    return EventNote(WOULD_TERMINATE, "Normal", f"would {verb} {what}", "DryRun")
 
 
 def _summary(
@@ -199,8 +202,11 @@ def _summary(
     records = [*terminated, *dry]
     rules = Counter(str(r.evidence.get("rule") or r.action) for r in records)
     by_rule = ", ".join(f"{rule} {count}" for rule, count in rules.most_common())
-    done = f"terminated {len(terminated)}" if terminated else ""
-    would = f"would terminate {len(dry)} (DryRun)" if dry else ""
+    counts = Counter((r.outcome != "done", r.action) for r in records)
+    done = [
+        f"would {_VERB_TEXT[action]} {count} (DryRun)" if was_dry else f"{_PAST[action]} {count}"
+        for (was_dry, action), count in sorted(counts.items(), key=_summary_order)
+    ]
     by_workload = ""
     if origins is not None:
         groups = Counter(
@@ -213,10 +219,15 @@ def _summary(
         ]
         by_workload = "; " + ", ".join(parts) if parts else ""
     message = (
-        f"{' and '.join(x for x in (done, would) if x)} sessions this cycle ({by_rule})"
-        f"{by_workload}; {shown} are separate Events, the operator's audit log has every one"
+        f"{' and '.join(done)} sessions this cycle ({by_rule}){by_workload}; "
+        f"{shown} are separate Events, the operator's audit log has every one"
     )
     return EventNote(BACKENDS_TERMINATED, "Normal", message, "Terminate")
+
+
+def _summary_order(item: tuple[tuple[bool, str], int]) -> tuple[bool, int]:
+    (was_dry, action), _count = item
+    return (was_dry, list(_ACTION_VERB).index(action))  # done first, terminations first
 
 
 def workload_notes(
@@ -228,8 +239,9 @@ def workload_notes(
 ) -> list[tuple[Workload, EventNote]]:
     """One Event per workload whose sessions a cycle terminated (or, DryRun, would have), to
     post on the workload itself: what its team sees in ``kubectl describe deployment``."""
+    # Connections ended, not queries cancelled: a cancelled query's session lives on.
     sessions = [
-        r for r in records if r.action in _ACTION_VERB and (r.outcome == "done" or r.planned)
+        r for r in records if r.action == "terminate" and (r.outcome == "done" or r.planned)
     ]
     by_workload: dict[Workload, list[AuditRecord]] = {}
     for record in sessions:

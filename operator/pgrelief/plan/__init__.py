@@ -14,12 +14,16 @@ Decisions documented here once:
   whatever the pressure.
 - A session whose superuser status is unknown counts as a superuser while
   ``protect.superusers`` is on. Unix-socket sessions (no client_addr) match no CIDR.
-- Oldest first means the longest time in the current state; ties go to the lower pid.
+- The budget goes to the most harmful sessions first (``terminations.harm_order``): idle in
+  transaction (aborted), idle in transaction, idle, then running queries; oldest first
+  within each, ties to the lower pid. A cancel spends the budget like a termination.
+- Protections always win over ``select``; both apply to cancels as to terminations.
 - Limits are compared with what the server has and only differences are emitted, so a
   second cycle emits nothing and a value changed by hand is put back (drift).
 
 The package is split along those decisions: ``actions`` (what a plan is made of),
-``terminations`` (which sessions, within the safety rules and budgets), ``limits`` (ALTER
+``selection`` (protections and selectors), ``terminations`` (which sessions to terminate or
+cancel, within the safety rules and budgets, and the next deadline), ``limits`` (ALTER
 ROLE/DATABASE/SYSTEM for what differs), ``revert`` (putting recorded originals back) and
 ``pg_values`` (PostgreSQL's units). This module joins them into one cycle's ``Plan`` and is
 where every public name is imported from.
@@ -33,10 +37,13 @@ from pgrelief.diagnosis import Severity
 from pgrelief.plan.actions import (
     HOUR,
     Action,
+    CancelQuery,
     Change,
     Plan,
     PlanHistory,
+    QueryIdentity,
     Recommendation,
+    SessionAction,
     SetDatabaseConnectionLimit,
     SetRoleConnectionLimit,
     SetRoleSetting,
@@ -45,6 +52,7 @@ from pgrelief.plan.actions import (
     TerminateBackend,
     database_key,
     parse_key,
+    query_identity,
     role_key,
     session_identity,
     system_key,
@@ -52,18 +60,24 @@ from pgrelief.plan.actions import (
 from pgrelief.plan.limits import RELOADABLE_CONTEXTS, plan_limits
 from pgrelief.plan.pg_values import format_pg_duration, setting_text
 from pgrelief.plan.revert import original_value, plan_revert
-from pgrelief.plan.terminations import is_superuser, plan_terminations, protection
+from pgrelief.plan.selection import is_superuser, matching_application, not_selected, protection
+from pgrelief.plan.terminations import UNDER_PRESSURE, SessionPlan, harm_order, plan_sessions
 from pgrelief.policy import ConnectionPolicySpec
 from pgrelief.snapshot import Snapshot
 
 __all__ = [
     "HOUR",
     "RELOADABLE_CONTEXTS",
+    "UNDER_PRESSURE",
     "Action",
+    "CancelQuery",
     "Change",
     "Plan",
     "PlanHistory",
+    "QueryIdentity",
     "Recommendation",
+    "SessionAction",
+    "SessionPlan",
     "SetDatabaseConnectionLimit",
     "SetRoleConnectionLimit",
     "SetRoleSetting",
@@ -72,13 +86,17 @@ __all__ = [
     "TerminateBackend",
     "database_key",
     "format_pg_duration",
+    "harm_order",
     "is_superuser",
+    "matching_application",
+    "not_selected",
     "parse_key",
     "plan",
     "plan_limits",
     "plan_revert",
-    "plan_terminations",
+    "plan_sessions",
     "protection",
+    "query_identity",
     "role_key",
     "session_identity",
     "setting_text",
@@ -96,17 +114,16 @@ def plan(
     """Everything the policy asks for that the snapshot shows is not yet so."""
     if policy_spec.remediation.mode == "Off":
         return Plan()
-    terminations, skipped, exhausted = plan_terminations(
-        policy_spec, snapshot, pressure, history, now
-    )
+    sessions = plan_sessions(policy_spec, snapshot, pressure, history, now)
     changes, recommendations = plan_limits(policy_spec, snapshot)
     originals: dict[str, str | None] = {}
     for change in changes:
         if change.key not in history.originals and change.key not in originals:
             originals[change.key] = original_value(change, snapshot)
     return Plan(
-        actions=(*terminations, *changes, *recommendations),
-        skipped=skipped,
+        actions=(*sessions.actions, *changes, *recommendations),
+        skipped=sessions.skipped,
         originals=originals,
-        budget_exhausted=exhausted,
+        budget_exhausted=sessions.budget_exhausted,
+        next_deadline=sessions.next_deadline,
     )

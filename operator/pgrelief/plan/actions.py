@@ -53,10 +53,24 @@ def session_identity(pid: int, backend_start: datetime | None) -> tuple[int, str
     return (pid, _iso(backend_start))
 
 
+QueryIdentity = tuple[int, str | None, str | None]
+
+
+def query_identity(
+    pid: int, backend_start: datetime | None, query_start: datetime | None
+) -> QueryIdentity:
+    """One query of one session: what a cancel is remembered by until it escalates."""
+    return (pid, _iso(backend_start), _iso(query_start))
+
+
 @dataclass(frozen=True, slots=True)
 class TerminateBackend:
     """pg_terminate_backend(pid), re-checked by ``act`` against backend_start, state and
-    state_change in the same statement."""
+    state_change in the same statement.
+
+    An escalation (a query still running ``escalateAfter`` after pgrelief cancelled it) is a
+    termination of an 'active' session: its state_change is the moment that query started
+    (PostgreSQL moves it with every new statement), so the same re-check pins the query."""
 
     action: ClassVar[str] = "terminate"
 
@@ -75,6 +89,8 @@ class TerminateBackend:
     xact_age_s: float | None = None
     last_query: str = ""
     pressure: str = ""
+    query_start: datetime | None = None
+    cancelled_ago_s: float | None = None  # an escalation: when pgrelief cancelled the query
 
     @property
     def target(self) -> str:
@@ -86,9 +102,13 @@ class TerminateBackend:
 
     @property
     def reason(self) -> str:
-        return (
-            f"{self.state} for {human_age(self.age_s)} (rule {self.rule}: {self.threshold or '?'})"
-        )
+        rule = f"rule {self.rule}: {self.threshold or '?'}"
+        if self.cancelled_ago_s is not None:
+            return (
+                f"{self.state} for {human_age(self.age_s)}, still running "
+                f"{human_age(self.cancelled_ago_s)} after pgrelief cancelled it ({rule})"
+            )
+        return f"{self.state} for {human_age(self.age_s)} ({rule})"
 
     @property
     def evidence(self) -> dict[str, Any]:
@@ -108,7 +128,82 @@ class TerminateBackend:
             "threshold": self.threshold,
             "pressure": self.pressure,
             "last_query": self.last_query,
+            **(
+                {}
+                if self.cancelled_ago_s is None
+                else {
+                    "query_start": _iso(self.query_start),
+                    "cancelled_ago_s": round(self.cancelled_ago_s, 3),
+                }
+            ),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class CancelQuery:
+    """pg_cancel_backend(pid) for a query running longer than ``cancel.activeAfter``,
+    re-checked by ``act`` against backend_start and query_start (and state 'active') in the
+    same statement, so a query that finished, or the next one, is never cancelled."""
+
+    action: ClassVar[str] = "cancel"
+
+    pid: int
+    backend_start: datetime | None
+    query_start: datetime | None
+    usename: str | None
+    datname: str | None
+    application_name: str
+    client_addr: str | None
+    age_s: float  # how long the query has been running
+    threshold: str = ""
+    rule: str = "activeAfter"
+    state: str = "active"
+    backend_age_s: float | None = None
+    xact_age_s: float | None = None
+    last_query: str = ""
+    pressure: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"pid {self.pid}"
+
+    @property
+    def identity(self) -> tuple[int, str | None]:
+        return session_identity(self.pid, self.backend_start)
+
+    @property
+    def query(self) -> QueryIdentity:
+        return query_identity(self.pid, self.backend_start, self.query_start)
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"query running for {human_age(self.age_s)} (rule {self.rule}: {self.threshold or '?'})"
+        )
+
+    @property
+    def evidence(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "usename": self.usename,
+            "datname": self.datname,
+            "application_name": self.application_name,
+            "client_addr": self.client_addr,
+            "state": self.state,
+            "query_age_s": round(self.age_s, 3),
+            "backend_age_s": _round(self.backend_age_s),
+            "xact_age_s": _round(self.xact_age_s),
+            "backend_start": _iso(self.backend_start),
+            "query_start": _iso(self.query_start),
+            "rule": self.rule,
+            "threshold": self.threshold,
+            "pressure": self.pressure,
+            "last_query": self.last_query,
+        }
+
+
+# What the session rules plan: each interrupts one session and counts against the budget.
+SessionAction = TerminateBackend | CancelQuery
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +374,7 @@ class Recommendation:
 
 Action = (
     TerminateBackend
+    | CancelQuery
     | SetRoleConnectionLimit
     | SetRoleSetting
     | SetDatabaseConnectionLimit
@@ -290,10 +386,10 @@ Change = SetRoleConnectionLimit | SetRoleSetting | SetDatabaseConnectionLimit | 
 
 @dataclass(frozen=True, slots=True)
 class SkippedSession:
-    """A session a terminate rule matched but pgrelief did not terminate, and why."""
+    """A session a terminate or cancel rule matched but pgrelief left alone, and why."""
 
     why: str
-    candidate: TerminateBackend
+    candidate: SessionAction
 
     @property
     def pid(self) -> int:
@@ -314,15 +410,19 @@ class SkippedSession:
 
 @dataclass(frozen=True, slots=True)
 class PlanHistory:
-    """What earlier cycles did: termination times (for maxPerHour) and recorded originals."""
+    """What earlier cycles did: when sessions were interrupted (for maxPerHour), the queries
+    pgrelief cancelled (for escalation) and recorded originals."""
 
+    # One time per session terminated or query cancelled: both count against the budget.
     terminations: Sequence[datetime] = ()
     originals: Mapping[str, str | None] = field(default_factory=dict)
     # Sessions an attempt failed on (permission denied, ...): identity -> not before this time.
     backoff: Mapping[tuple[int, str | None], datetime] = field(default_factory=dict)
+    # Queries pgrelief cancelled and that were still running when last seen -> when.
+    cancelled: Mapping[QueryIdentity, datetime] = field(default_factory=dict)
 
     def terminations_within(self, now: datetime, window: timedelta = HOUR) -> int:
-        """Terminations in the sliding window ending at ``now`` (future ones count too)."""
+        """Budget spent in the sliding window ending at ``now`` (future times count too)."""
         return sum(1 for when in self.terminations if when > now - window)
 
 
@@ -335,10 +435,23 @@ class Plan:
     skipped: tuple[SkippedSession, ...] = ()
     originals: Mapping[str, str | None] = field(default_factory=dict)
     budget_exhausted: bool = False
+    # On the server's clock: when the next session this plan did not act on becomes one a
+    # rule acts on (a threshold crossed, a cancel's grace over, budget or backoff free again),
+    # pressure permitting; None when no session is on its way there.
+    next_deadline: datetime | None = None
 
     @property
     def terminations(self) -> tuple[TerminateBackend, ...]:
         return tuple(a for a in self.actions if isinstance(a, TerminateBackend))
+
+    @property
+    def cancels(self) -> tuple[CancelQuery, ...]:
+        return tuple(a for a in self.actions if isinstance(a, CancelQuery))
+
+    @property
+    def session_actions(self) -> tuple[SessionAction, ...]:
+        """Terminations and cancels, in the order the budget chose them (harm order)."""
+        return tuple(a for a in self.actions if isinstance(a, TerminateBackend | CancelQuery))
 
     @property
     def changes(self) -> tuple[Change, ...]:

@@ -36,11 +36,12 @@ from pgrelief.snapshot import RoleInfo, Snapshot
 # pg_settings.context values for which ALTER SYSTEM + pg_reload_conf() is enough.
 RELOADABLE_CONTEXTS = frozenset({"sighup", "superuser", "user"})
 
-# Role settings pgrelief manages: all three are in milliseconds when written without a unit.
+# Role settings pgrelief manages: all are in milliseconds when written without a unit.
 _ROLE_SETTING_MIN_VERSION: dict[str, int] = {
     "idle_in_transaction_session_timeout": 90600,
     "idle_session_timeout": 140000,
     "statement_timeout": 0,
+    "transaction_timeout": 170000,
 }
 
 
@@ -57,6 +58,7 @@ _SERVER_SETTINGS: tuple[_ServerSetting, ...] = (
     _ServerSetting(
         "idle_in_transaction_session_timeout", "idle_in_transaction_session_timeout", "duration"
     ),
+    _ServerSetting("transaction_timeout", "transaction_timeout", "duration", 170000),
     _ServerSetting("tcp_keepalives_idle", "tcp_keepalives_idle", "seconds"),
     _ServerSetting("tcp_keepalives_interval", "tcp_keepalives_interval", "seconds"),
     _ServerSetting("tcp_keepalives_count", "tcp_keepalives_count", "count"),

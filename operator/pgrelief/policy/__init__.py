@@ -50,6 +50,7 @@ from pgrelief.policy.pgbouncer import (
 )
 from pgrelief.policy.spec import (
     BudgetSpec,
+    CancelSpec,
     ConnectionPolicy,
     ConnectionPolicySpec,
     CredentialsSecret,
@@ -58,6 +59,7 @@ from pgrelief.policy.spec import (
     PressureSpec,
     ProtectSpec,
     RemediationSpec,
+    SelectSpec,
     TerminateSpec,
     WorkloadSelector,
 )
@@ -85,6 +87,7 @@ __all__ = [
     "RESERVED_PGBOUNCER_KEYS",
     "AuthQuerySpec",
     "BudgetSpec",
+    "CancelSpec",
     "Cidr",
     "Condition",
     "ConnectionPolicy",
@@ -115,6 +118,7 @@ __all__ = [
     "RemediationSpec",
     "RoleLimit",
     "SecretKey",
+    "SelectSpec",
     "ServerLimits",
     "SslMode",
     "TerminateSpec",

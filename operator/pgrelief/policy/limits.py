@@ -45,6 +45,14 @@ class RoleLimit(PolicyModel):
     statement_timeout: MillisecondDuration | None = Field(
         default=None, description="ALTER ROLE ... SET statement_timeout; 0s disables it."
     )
+    transaction_timeout: MillisecondDuration | None = Field(
+        default=None,
+        description=(
+            "ALTER ROLE ... SET transaction_timeout (PostgreSQL 17+; on older servers it is "
+            "only recommended): the longest a transaction, or a statement outside one, may "
+            "last; 0s disables it."
+        ),
+    )
 
     def settings(self) -> dict[str, str]:
         """PostgreSQL setting name -> policy duration, for the timeouts that are set."""
@@ -52,6 +60,7 @@ class RoleLimit(PolicyModel):
             "idle_in_transaction_session_timeout": self.idle_in_transaction_session_timeout,
             "idle_session_timeout": self.idle_session_timeout,
             "statement_timeout": self.statement_timeout,
+            "transaction_timeout": self.transaction_timeout,
         }
         return {name: value for name, value in wanted.items() if value is not None}
 
@@ -102,6 +111,13 @@ class ServerLimits(PolicyModel):
         default=None,
         description=(
             "ALTER SYSTEM SET idle_in_transaction_session_timeout (reloadable); 0s disables it."
+        ),
+    )
+    transaction_timeout: MillisecondDuration | None = Field(
+        default=None,
+        description=(
+            "ALTER SYSTEM SET transaction_timeout (PostgreSQL 17+, reloadable; on older servers "
+            "it is only recommended); 0s disables it."
         ),
     )
     tcp_keepalives_idle: int | None = Field(

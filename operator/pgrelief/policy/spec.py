@@ -165,16 +165,95 @@ class TerminateSpec(PolicyModel):
         return {state: parse_duration(text) for state, text in rules.items() if text is not None}
 
 
+class CancelSpec(PolicyModel):
+    """Long-running queries to cancel (pg_cancel_backend), by the time since
+    pg_stat_activity.query_start of a session in state 'active', and when to give up on a
+    cancel and terminate (pg_terminate_backend). Absent rules never cancel anything.
+    Protections, selectors, onlyUnderPressure and the budget apply as to terminations."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.escalateAfter) || has(self.activeAfter)",
+                    "message": "escalateAfter needs activeAfter",
+                }
+            ]
+        }
+    )
+
+    active_after: PositiveDuration | None = Field(
+        default=None,
+        description=(
+            "Cancel the running query (pg_cancel_backend) of sessions in state 'active' whose "
+            "query started at least this long ago (like statement_timeout, but only under "
+            "pressure and within budget). The cancel re-checks pid, backend_start and "
+            "query_start as observed, so a query that finished, or a new one, is left alone."
+        ),
+    )
+    escalate_after: PositiveDuration | None = Field(
+        default=None,
+        description=(
+            "Terminate the session (pg_terminate_backend) when the same query (same pid, "
+            "backend_start and query_start) is still running this long after pgrelief "
+            "cancelled it; absent = never terminate a running query."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _escalation_needs_a_cancel(self) -> CancelSpec:
+        if self.escalate_after is not None and self.active_after is None:
+            raise ValueError("escalateAfter needs activeAfter: only a cancelled query escalates")
+        return self
+
+
 class BudgetSpec(PolicyModel):
-    """The most terminations pgrelief performs, whatever the rules match."""
+    """The most sessions pgrelief interrupts, whatever the rules match. A termination and a
+    cancel each count one against both budgets (an escalation is a termination, so a query
+    cancelled and then terminated counts twice). When the rules match more sessions than the
+    budget allows, the most harmful go first: idle in transaction (aborted), then idle in
+    transaction, then idle, then running queries (escalations before new cancels); oldest
+    first within each (longest in the state, or running longest); ties to the lower pid."""
 
     max_per_cycle: int = Field(
         default=10,
         ge=0,
-        description="Most sessions terminated in one cycle (0 disables terminations).",
+        description=(
+            "Most sessions terminated or cancelled in one cycle (0 disables both), chosen in "
+            "harm order: idle in transaction (aborted), idle in transaction, idle, then "
+            "running queries; oldest first within each."
+        ),
     )
     max_per_hour: int = Field(
-        default=100, ge=0, description="Most sessions terminated in any sliding window of one hour."
+        default=100,
+        ge=0,
+        description=(
+            "Most sessions terminated or cancelled in any sliding window of one hour, chosen "
+            "in the same harm order as maxPerCycle."
+        ),
+    )
+
+
+class SelectSpec(PolicyModel):
+    """Include-only selectors: when a list is set, only sessions matching one of its entries
+    may be terminated or cancelled; every list set must match (an empty list selects all).
+    Protections always win over selectors."""
+
+    roles: list[Identifier] = Field(
+        default_factory=list,
+        description="Only sessions of these roles (pg_stat_activity.usename), exact names.",
+    )
+    applications: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Only sessions whose pg_stat_activity.application_name equals one of these, or "
+            "matches it as a glob pattern (* any characters, ? one, [abc] a set; "
+            "case-sensitive), e.g. checkout-*."
+        ),
+    )
+    databases: list[Identifier] = Field(
+        default_factory=list,
+        description="Only sessions connected to these databases (pg_stat_activity.datname).",
     )
 
 
@@ -208,8 +287,9 @@ class WorkloadSelector(PolicyModel):
 
 
 class ProtectSpec(PolicyModel):
-    """Sessions pgrelief never terminates, whatever the rules say. Matching is exact
-    (case-sensitive, like PostgreSQL names)."""
+    """Sessions pgrelief never terminates or cancels, whatever the rules and selectors say.
+    Matching is exact (case-sensitive, like PostgreSQL names); application names may also be
+    glob patterns."""
 
     roles: list[Identifier] = Field(
         default_factory=list,
@@ -218,8 +298,9 @@ class ProtectSpec(PolicyModel):
     applications: list[str] = Field(
         default_factory=list,
         description=(
-            "Never terminate sessions with these application_name values "
-            "(pg_stat_activity.application_name)."
+            "Never terminate sessions whose pg_stat_activity.application_name equals one of "
+            "these, or matches it as a glob pattern (* any characters, ? one, [abc] a set; "
+            "case-sensitive), e.g. admin-*."
         ),
     )
     databases: list[Identifier] = Field(
@@ -282,14 +363,16 @@ class RemediationSpec(PolicyModel):
     only_under_pressure: bool = Field(
         default=True,
         description=(
-            "Terminate sessions only while utilization is at or above pressure.warningPercent. "
-            "Limits and timeouts are applied regardless."
+            "Terminate and cancel only while utilization is at or above "
+            "pressure.warningPercent. Limits and timeouts are applied regardless."
         ),
     )
     terminate: TerminateSpec = Field(
         default_factory=TerminateSpec, description=TerminateSpec.__doc__
     )
+    cancel: CancelSpec = Field(default_factory=CancelSpec, description=CancelSpec.__doc__)
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description=BudgetSpec.__doc__)
+    select: SelectSpec = Field(default_factory=SelectSpec, description=SelectSpec.__doc__)
     protect: ProtectSpec = Field(default_factory=ProtectSpec, description=ProtectSpec.__doc__)
 
 
