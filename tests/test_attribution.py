@@ -23,12 +23,13 @@ from pgrelief.audit import DRY_RUN_DETAIL, AuditRecord
 from pgrelief.diagnose import diagnose
 from pgrelief.diagnosis import POOLER_WAITING, Severity
 from pgrelief.manifests.events import BACKENDS_TERMINATED, WOULD_TERMINATE, workload_notes
+from pgrelief.plan import PlanHistory, plan
 from pgrelief.plan.selection import protect_of
 from pgrelief.policy import ProtectSpec, WorkloadSelector
 from pgrelief.protection import protection
 from pgrelief.snapshot import IDLE_IN_TRANSACTION
 from pgrelief.workloads import Attribution, Origin, PoolerClient, PoolerPool, PoolerView, Workload
-from tests.factories import TAKEN_AT, session, snapshot
+from tests.factories import TAKEN_AT, enforce, session, snapshot
 
 NOW = TAKEN_AT.timestamp()
 SHOP = "shop"
@@ -295,3 +296,32 @@ def _server(pid: int, link: str, connected: datetime) -> PoolerClient:
 def _terminated(pid: int) -> AuditRecord:
     evidence = {"pid": pid, "state": IDLE_IN_TRANSACTION, "datname": "appdb"}
     return AuditRecord(TAKEN_AT, "terminate", f"pid {pid}", "rule", evidence, False, "done")
+
+
+def test_select_workloads_includes_only_sessions_placed_on_them_and_nothing_without_an_index() -> (
+    None
+):
+    api, batch = Workload("Deployment", SHOP, "checkout-api"), Workload("CronJob", SHOP, "batch")
+    placed_pid, other_pid, shared_pid, bare_pid = 1, 2, 3, 4
+    sessions = [session(pid, "idle", 700) for pid in range(1, 5)]  # past enforce()'s idleAfter
+    origins = {
+        placed_pid: Origin(api, "checkout-api-7d9-x"),
+        other_pid: Origin(batch, "batch-1-y"),
+        shared_pid: Origin(None, why="a node's address", possible=(api, batch)),
+    }
+    policy = enforce(
+        select={"workloads": [{"kind": "deployment", "namespace": SHOP, "name": "checkout-*"}]}
+    )
+    shot = replace(snapshot(sessions), attribution=Attribution(origins))
+    result = plan(policy, shot, Severity.CRITICAL, PlanHistory(), TAKEN_AT)
+    assert [a.pid for a in result.session_actions] == [placed_pid]
+    skipped = {s.pid: s.why for s in result.skipped}
+    assert skipped[other_pid] == f"CronJob {SHOP}/batch not matched by select.workloads"
+    # Include-only acts less when in doubt: "may come from" a selected workload is not enough.
+    assert skipped[shared_pid].startswith("not placed on a workload (a node's address)")
+    assert skipped[bare_pid].startswith("not placed on a workload")
+    blind = plan(policy, snapshot(sessions), Severity.CRITICAL, PlanHistory(), TAKEN_AT)
+    assert blind.session_actions == ()
+    assert {s.why for s in blind.skipped} == {
+        "select.workloads is set but sessions are not placed on workloads (no pod index)"
+    }

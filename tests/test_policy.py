@@ -276,7 +276,7 @@ def test_snake_case_names_work_in_python() -> None:
         (
             "remediation: {select: {roles: [app, app2], colour: blue}}",
             "spec.remediation.select.colour: unknown field (allowed: roles, applications, "
-            "databases)",
+            "databases, workloads)",
         ),
         (
             "limits: {roles: [{name: app, transactionTimeout: 0.5ms}]}",

@@ -53,7 +53,7 @@ def protection(
     return None if spared is None else spared.text
 
 
-def not_selected(session: Session, select: SelectSpec) -> str | None:
+def not_selected(session: Session, select: SelectSpec, snapshot: Snapshot) -> str | None:
     """Why ``session`` is outside ``remediation.select``, or None when it is included."""
     if select.roles and session.usename not in select.roles:
         return f"role {_name(session.usename)} not in select.roles"
@@ -67,7 +67,24 @@ def not_selected(session: Session, select: SelectSpec) -> str | None:
         )
     if select.databases and session.datname not in select.databases:
         return f"database {_name(session.datname)} not in select.databases"
+    if select.workloads:
+        return _outside_workloads(session, select, snapshot)
     return None
+
+
+def _outside_workloads(session: Session, select: SelectSpec, snapshot: Snapshot) -> str | None:
+    """Include-only errs on the side of acting less: a session that cannot be placed on one
+    workload is not selected (unlike protect.workloads, where "may come from" spares)."""
+    if snapshot.attribution is None:
+        return "select.workloads is set but sessions are not placed on workloads (no pod index)"
+    origin = snapshot.attribution.origins.get(session.pid)
+    workload = origin.workload if origin is not None else None
+    if workload is None:
+        why = f" ({origin.why})" if origin is not None and origin.why else ""
+        return f"not placed on a workload{why}: select.workloads selects only placed sessions"
+    if any(workload.matches(w.kind, w.namespace, w.name) for w in select.workloads):
+        return None
+    return f"{workload.label} not matched by select.workloads"
 
 
 def _name(name: str | None) -> str:

@@ -141,7 +141,9 @@ def plan_sessions(
         match = _match(session, snapshot, rules, history, now, pressure)
         if match is None:
             continue
-        why = protection(session, snapshot, protect) or not_selected(session, remediation.select)
+        why = protection(session, snapshot, protect) or not_selected(
+            session, remediation.select, snapshot
+        )
         if match.candidate is None:
             if why is None and match.due_in_s is not None:
                 due.append(match.due_in_s)

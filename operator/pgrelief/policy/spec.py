@@ -234,29 +234,6 @@ class BudgetSpec(PolicyModel):
     )
 
 
-class SelectSpec(PolicyModel):
-    """Include-only selectors: when a list is set, only sessions matching one of its entries
-    may be terminated or cancelled; every list set must match (an empty list selects all).
-    Protections always win over selectors."""
-
-    roles: list[Identifier] = Field(
-        default_factory=list,
-        description="Only sessions of these roles (pg_stat_activity.usename), exact names.",
-    )
-    applications: list[str] = Field(
-        default_factory=list,
-        description=(
-            "Only sessions whose pg_stat_activity.application_name equals one of these, or "
-            "matches it as a glob pattern (* any characters, ? one, [abc] a set; "
-            "case-sensitive), e.g. checkout-*."
-        ),
-    )
-    databases: list[Identifier] = Field(
-        default_factory=list,
-        description="Only sessions connected to these databases (pg_stat_activity.datname).",
-    )
-
-
 class WorkloadSelector(PolicyModel):
     """A workload: the top owner of the Pods sessions come from (Pod -> ReplicaSet ->
     Deployment, Pod -> Job -> CronJob, StatefulSet, DaemonSet), as the operator resolves it."""
@@ -282,6 +259,39 @@ class WorkloadSelector(PolicyModel):
         description=(
             "Name of the workload, or a glob pattern (* any characters, ? one, [abc] a set), "
             "e.g. payments-*."
+        ),
+    )
+
+
+class SelectSpec(PolicyModel):
+    """Include-only selectors: when a list is set, only sessions matching one of its entries
+    may be terminated or cancelled; every list set must match (an empty list selects all).
+    Protections always win over selectors."""
+
+    roles: list[Identifier] = Field(
+        default_factory=list,
+        description="Only sessions of these roles (pg_stat_activity.usename), exact names.",
+    )
+    applications: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Only sessions whose pg_stat_activity.application_name equals one of these, or "
+            "matches it as a glob pattern (* any characters, ? one, [abc] a set; "
+            "case-sensitive), e.g. checkout-*."
+        ),
+    )
+    databases: list[Identifier] = Field(
+        default_factory=list,
+        description="Only sessions connected to these databases (pg_stat_activity.datname).",
+    )
+    workloads: list[WorkloadSelector] = Field(
+        default_factory=list,
+        max_length=100,
+        description=(
+            "Only sessions the operator's pod index places on the Pods of these workloads. A "
+            "session it cannot place on one Pod (an unknown or shared address) is not "
+            "selected; while this list is set and Pods are not indexed (pgrelief run), no "
+            "session is."
         ),
     )
 
