@@ -222,6 +222,34 @@ def test_sessions_leaked_by_application_pods_are_terminated_and_the_events_name_
             for pid, ip in leaked.items()
         )
         assert [m[: len(e)] for m, e in zip(messages, expected, strict=True)] == expected
+        # Each names the workload and the pod behind its address (issue 13, on real pods).
+        by_ip = {ip: name for name, ip in ips.items()}
+        for pid, ip in leaked.items():
+            (message,) = [m for m in messages if m.startswith(f"terminated pid {pid} ")]
+            assert f"Deployment {apps}/checkout pod {by_ip[ip]}" in message, message
+        # And the owning team reads it in `kubectl describe deployment checkout`.
+        on_deployment = wait_for(
+            "the Events on the Deployment itself",
+            lambda: [
+                e
+                for e in items(
+                    cluster,
+                    "events",
+                    "-n",
+                    apps,
+                    "--field-selector",
+                    "involvedObject.kind=Deployment,involvedObject.name=checkout",
+                )
+                if e["reason"] == "BackendsTerminated"
+            ],
+        )
+        counted = [
+            int(m.group(1))
+            for e in on_deployment
+            if (m := re.match(r"pgrelief terminated (\d+) leaked connection\(s\) of this "
+                              r"Deployment's pods", e["message"]))
+        ]  # fmt: skip
+        assert sum(counted) == 3, [e["message"] for e in on_deployment]
         acting = {e["reportingInstance"] for e in terminated}
         assert len(acting) == 1 and acting <= {p["metadata"]["name"] for p in release.pods()}
         (pod,) = acting
