@@ -216,12 +216,38 @@ def test_sessions_leaked_by_application_pods_are_terminated_and_the_events_name_
             3,
         )
         messages = sorted(e["message"] for e in terminated)
+        # Each names the workload and the pod behind its address (issue 13, on real pods).
+        pod_of = {ip: name for name, ip in ips.items()}
         expected = sorted(
             f"terminated pid {pid} (role {role}, application 'checkout-api', client {ip}, "
-            "database postgres; idle in transaction for "
+            f"database postgres, from Deployment {apps}/checkout pod {pod_of[ip]}; "
+            "idle in transaction for "
             for pid, ip in leaked.items()
         )
         assert [m[: len(e)] for m, e in zip(messages, expected, strict=True)] == expected
+        # And the owning team reads it in `kubectl describe deployment checkout`.
+        on_deployment = wait_for(
+            "the Events on the Deployment itself",
+            lambda: [
+                e
+                for e in items(
+                    cluster,
+                    "events",
+                    "-n",
+                    apps,
+                    "--field-selector",
+                    "involvedObject.kind=Deployment,involvedObject.name=checkout",
+                )
+                if e["reason"] == "BackendsTerminated"
+            ],
+        )
+        counted = [  # an equal message again is folded into the Event's count
+            int(m.group(1)) * (e.get("count") or 1)
+            for e in on_deployment
+            if (m := re.match(r"pgrelief terminated (\d+) leaked connection\(s\) of this "
+                              r"Deployment's pods", e["message"]))
+        ]  # fmt: skip
+        assert sum(counted) == 3, [e["message"] for e in on_deployment]
         acting = {e["reportingInstance"] for e in terminated}
         assert len(acting) == 1 and acting <= {p["metadata"]["name"] for p in release.pods()}
         (pod,) = acting
