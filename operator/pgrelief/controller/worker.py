@@ -91,12 +91,15 @@ class PolicyWorker:
     async def run(self, body: Mapping[str, Any], stopped: Any) -> None:
         """Cycle until kopf stops the daemon (the policy is deleted, or the operator stops)."""
         loop = asyncio.get_running_loop()
+        due = time.monotonic()
         try:
             while not stopped:
                 snapshot = _plain(body)
                 self.generation = snapshot["metadata"].get("generation")
-                delay = await loop.run_in_executor(self.context.executor, self.step, snapshot)
-                await self._sleep(delay, stopped, body)
+                delay = await loop.run_in_executor(
+                    self.context.executor, self.step, snapshot, due
+                )
+                due = await self._sleep(delay, stopped, body)
         finally:
             await loop.run_in_executor(self.context.executor, self.close)
             self.finished.set()
@@ -106,22 +109,30 @@ class PolicyWorker:
             self._connection.close()
             self._connection = None
 
-    async def _sleep(self, delay: float, stopped: Any, body: Mapping[str, Any]) -> None:
+    async def _sleep(self, delay: float, stopped: Any, body: Mapping[str, Any]) -> float:
         """Sleep ``delay``, or less: until stopped, or a new generation of the spec arrives.
 
         kopf keeps ``body`` up to date from the watch stream, so noticing a spec change is a
-        look at memory every ``SPEC_CHECK_S``: no handler and no API call for it.
+        look at memory every ``SPEC_CHECK_S``: no handler and no API call for it. Returns when
+        the next cycle was due (the deadline, or the moment a new generation was noticed).
         """
         deadline = time.monotonic() + delay
         while not stopped:
-            left = deadline - time.monotonic()
-            if left <= 0 or body.get("metadata", {}).get("generation") != self.generation:
-                return
-            await stopped.wait(min(left, SPEC_CHECK_S))
+            now = time.monotonic()
+            if deadline <= now or body.get("metadata", {}).get("generation") != self.generation:
+                return min(deadline, now)
+            await stopped.wait(min(deadline - now, SPEC_CHECK_S))
+        return deadline
 
     # ---- one step (in a worker thread) --------------------------------------------------
-    def step(self, raw: Mapping[str, Any]) -> float:
-        """Validate the spec, then run one cycle and publish what it found and did."""
+    def step(self, raw: Mapping[str, Any], due: float | None = None) -> float:
+        """Validate the spec, then run one cycle and publish what it found and did.
+
+        ``due``: when (``time.monotonic``) the cycle should have started; how late it starts
+        here, in the pool thread, is the lag the scale benchmark reads from the metrics.
+        """
+        if due is not None:
+            self.context.metrics.cycle_lag.observe(max(0.0, time.monotonic() - due))
         generation = raw["metadata"].get("generation")
         try:
             policy = validate_policy(
