@@ -287,6 +287,7 @@ class Result:
     machine_cores: float
     not_ready: int
     warnings: Counter[str]
+    slices: list[Slice]
 
     def per_policy_minute(self, *keys: tuple[str, str]) -> float:
         return sum(self.requests[k] for k in keys) / self.policies / (self.window_s / 60)
@@ -336,6 +337,8 @@ def run_scenario(
         the_fleet.kube, namespace, work, args=("--standalone", "--workers", str(args.workers))
     )
     operator.start()
+    assert operator.process is not None
+    print(f"{label}: operator pid {operator.process.pid}, log {operator.log_file}", flush=True)
     try:
         deadline = time.monotonic() + args.ready_timeout
         while (ready := ready_count(the_fleet, namespace)) < policies:
@@ -345,7 +348,7 @@ def run_scenario(
         time.sleep(args.warmup)
         first = point(the_fleet, operator)
         log_from = len(operator.logs())
-        time.sleep(window_s)
+        slices = timeline(the_fleet, operator, first, window_s, args.sample_every)
         last = point(the_fleet, operator)
         warnings = Counter(
             re.sub(r"^\[[^]]*\]\s*", "", line)[:160]
@@ -358,10 +361,7 @@ def run_scenario(
     finally:
         operator.stop(timeout=120)
     span = last.at - first.at
-    lag = {
-        bound: value - buckets(first.operator, "pgrelief_cycle_lag_seconds").get(bound, 0.0)
-        for bound, value in buckets(last.operator, "pgrelief_cycle_lag_seconds").items()
-    }
+    lag = lag_between(first.operator, last.operator)
     cycles = total(last.operator, "pgrelief_cycle_duration_seconds_count") - total(
         first.operator, "pgrelief_cycle_duration_seconds_count"
     )
@@ -387,7 +387,49 @@ def run_scenario(
         machine_cores=busy,
         not_ready=not_ready,
         warnings=warnings,
+        slices=slices,
     )
+
+
+@dataclass
+class Slice:
+    """One ``--sample-every`` stretch of the window: where a lag tail comes from."""
+
+    start_s: float
+    lag: dict[float, float]
+    status_patches: float
+    event_writes: float
+
+
+def lag_between(before: Samples, after: Samples) -> dict[float, float]:
+    earlier = buckets(before, "pgrelief_cycle_lag_seconds")
+    return {
+        bound: value - earlier.get(bound, 0.0)
+        for bound, value in buckets(after, "pgrelief_cycle_lag_seconds").items()
+    }
+
+
+def timeline(
+    the_fleet: Fleet, operator: OperatorProcess, first: Point, window_s: float, every: float
+) -> list[Slice]:
+    """Scrape both /metrics every ``every`` seconds (as Prometheus would) until the window ends."""
+    slices: list[Slice] = []
+    previous, previous_at = (first.operator, first.apiserver), first.at
+    end = first.at + window_s
+    while (now := time.monotonic()) < end:
+        time.sleep(min(every, end - now))
+        current = (parse_metrics(operator.metrics()), the_fleet.apiserver_metrics())
+        requests = requests_between(previous[1], current[1])
+        slices.append(
+            Slice(
+                start_s=previous_at - first.at,
+                lag=lag_between(previous[0], current[0]),
+                status_patches=requests[STATUS_PATCH],
+                event_writes=sum(requests[k] for k in EVENT_KEYS),
+            )
+        )
+        previous, previous_at = current, time.monotonic()
+    return slices
 
 
 def validate_interval(interval: str) -> float:
@@ -472,6 +514,14 @@ def print_results(results: Iterable[Result], floor_cpu_ms: float) -> None:
         )
         for line, count in r.warnings.most_common(3):
             print(f"    {count} x {line}")
+        worst = sorted(r.slices, key=lambda s: (highest_filled(s.lag), quantile(s.lag, 0.95)))
+        for piece in reversed(worst[-3:]):
+            print(
+                f"    slice at +{piece.start_s:.0f}s: {piece.lag[math.inf]:.0f} cycles, lag p95 "
+                f"{seconds(quantile(piece.lag, 0.95))}, max <= {seconds(highest_filled(piece.lag))}"
+                f"; {piece.status_patches:.0f} status patches, {piece.event_writes:.0f} Event "
+                f"writes in it"
+            )
 
 
 def main() -> None:
@@ -485,6 +535,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=60)
     parser.add_argument("--window", type=float, default=300)
     parser.add_argument("--idle-window", type=float, default=120)
+    parser.add_argument("--sample-every", type=float, default=10)
     parser.add_argument("--quiet-policies", type=int, default=100)
     parser.add_argument("--quiet-interval", default="1s")
     parser.add_argument("--ready-timeout", type=float, default=600)

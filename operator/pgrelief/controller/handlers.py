@@ -1,6 +1,7 @@
 """kopf wiring, nothing else: which handler reacts to what, and whom it hands the work to.
 
 - ``relieve`` (daemon): one ``PolicyWorker`` per ConnectionPolicy for as long as it exists;
+- ``noticed`` (every watch event, nothing persisted): wakes that worker for a new spec;
 - ``release`` (deletion, behind pgrelief's finalizer): ``onDelete: Revert``, bounded retries.
 """
 
@@ -59,6 +60,14 @@ def register(registry: kopf.OperatorRegistry) -> None:
                 del context.workers[worker.key]
             if body.metadata.get("deletionTimestamp"):
                 context.metrics.forget(worker.key)
+
+    @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
+    async def noticed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # kopf has already put this event's body under the daemon: only the wake-up is ours.
+        context: OperatorContext = memo.context
+        worker = context.workers.get((body.metadata.namespace or "", body.metadata.name or ""))
+        if worker is not None:
+            worker.notice(body.metadata.get("generation"))
 
     @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, registry=registry)
     async def release(
