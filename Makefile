@@ -2,7 +2,8 @@
 PYTHON ?= python3
 CACHE_DIR ?= $(HOME)/.cache/pgrelief
 
-.PHONY: install demo test lint typecheck kube-testenv kube-tools bench crd
+.PHONY: install demo test lint typecheck kube-testenv kube-tools wheelhouse bench crd \
+	e2e-cluster e2e-cluster-stop e2e
 
 install:
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
@@ -13,8 +14,24 @@ demo: install
 kube-tools:
 	bash scripts/install-kube-tools.sh "$(CACHE_DIR)/bin"
 
+# The wheels tests/test_image.py installs offline (runtime dependencies and build backend).
+wheelhouse:
+	bash scripts/wheelhouse.sh "$(CACHE_DIR)/wheelhouse"
+
 kube-testenv:
 	bash tests/kube-testenv/build.sh "$(CACHE_DIR)"
+
+# A real single-node cluster (root): started and left running, its kubeconfig path printed.
+e2e-cluster:
+	PGRELIEF_CACHE_DIR="$(CACHE_DIR)" $(PYTHON) tests/e2e-cluster/cluster.py start
+
+# Undoes e2e-cluster (or a failed run) and checks the machine is as it was before the start.
+e2e-cluster-stop:
+	PGRELIEF_CACHE_DIR="$(CACHE_DIR)" $(PYTHON) tests/e2e-cluster/cluster.py stop
+
+# The end-to-end tests, on a cluster of their own (or the one e2e-cluster left running).
+e2e: install kube-tools
+	PGRELIEF_CACHE_DIR="$(CACHE_DIR)" $(PYTHON) -m pytest -q -m e2e tests/e2e
 
 lint:
 	$(PYTHON) -m ruff check operator tests bench
@@ -26,6 +43,12 @@ typecheck:
 
 test: install lint typecheck
 	$(PYTHON) -m pytest -q
+
+# The CRD is generated from the policy model; the chart ships byte-identical copies of crds/
+# (tests/test_chart_files.py fails when they drift).
+crd:
+	$(PYTHON) -m pgrelief crd > crds/connectionpolicies.pgrelief.dev.yaml
+	cp crds/*.yaml charts/pgrelief/crds/
 
 bench: install
 	$(PYTHON) bench/diagnose_bench.py

@@ -10,7 +10,13 @@ the domain reference's three diagnostic queries done as pure-Python group-bys ov
 ``csv.DictReader`` rows. pgrelief does more than that (breakdowns, nine findings with their
 fixes); the ratio says what the extra costs.
 
-Run: ``python bench/diagnose_bench.py [--sizes 1000,10000,100000] [--runs 5] [--profile]``.
+Pasted formats (issue 15): the same 10k-session dump as psql's aligned and expanded output
+(rendered here the way psql prints them, and checked to read back to exactly the CSV's
+sessions), timed against the CSV in the same run: pyarrow's fast path, and the csv module's
+reference path that every other format shares.
+
+Run: ``python bench/diagnose_bench.py [--sizes 1000,10000,100000] [--runs 5] [--profile]
+[--paste-size 10000]``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pgrelief.diagnose import diagnose
-from pgrelief.dumps import snapshot_from_files
+from pgrelief.dumps import load_activity, snapshot_from_files
 from pgrelief.dumps._arrow import fast_activity
+from pgrelief.dumps.activity import sessions_from
+from pgrelief.dumps.tables import HOW_TO, parse_table
 from pgrelief.snapshot import Snapshot
 
 # The header lines as PostgreSQL 17/18 write them.
@@ -220,6 +228,74 @@ def naive_three_queries(activity: Path) -> tuple[Counter[str], Counter[tuple[str
     return by_state, by_user_app, oldest
 
 
+def psql_aligned(activity: Path) -> str:
+    """The CSV dump as psql's default aligned output prints it (border 1, numbers right)."""
+    with activity.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    widths = [max(len(header[i]), *(len(row[i]) for row in body)) for i in range(len(header))]
+    numeric = [
+        all(not row[i] or row[i].lstrip("-").isdigit() for row in body) for i in range(len(header))
+    ]
+    lines = [
+        "|".join(f" {name.center(widths[i])} " for i, name in enumerate(header)).rstrip(),
+        "+".join("-" * (width + 2) for width in widths),
+    ]
+    for row in body:
+        cells = [
+            value.rjust(widths[i]) if numeric[i] else value.ljust(widths[i])
+            for i, value in enumerate(row)
+        ]
+        lines.append(("|".join(f" {cell} " for cell in cells)).rstrip())
+    lines.append(f"({len(body)} rows)")
+    return "\n".join(lines) + "\n"
+
+
+def psql_expanded(activity: Path) -> str:
+    """The CSV dump as psql's ``\\x`` output prints it."""
+    with activity.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    width = max(map(len, header))
+    lines = []
+    for number, row in enumerate(body, start=1):
+        lines.append(f"-[ RECORD {number} ]" + "-" * max(width - 10, 1) + "+" + "-" * 20)
+        lines.extend(
+            f"{name.ljust(width)} | {value}".rstrip()
+            for name, value in zip(header, row, strict=False)
+        )
+    return "\n".join(lines) + "\n"
+
+
+def paste_formats(directory: Path, size: int, runs: int) -> None:
+    """Parse time of one dump as CSV (both readers), psql aligned and psql expanded."""
+    activity, _ = write_dump(directory, size, seed=11)
+    aligned = directory / "activity.txt"
+    aligned.write_text(psql_aligned(activity))
+    expanded = directory / "activity-x.txt"
+    expanded.write_text(psql_expanded(activity))
+    data = activity.read_bytes()
+    reference = sessions_from(parse_table(activity, data, HOW_TO))
+    for path in (aligned, expanded):
+        assert load_activity(path).sessions == reference.sessions, path  # same sessions
+    timings = [
+        ("CSV, pyarrow fast path", lambda: load_activity(activity)),
+        ("CSV, csv module (reference)", lambda: sessions_from(parse_table(activity, data, HOW_TO))),
+        ("psql aligned", lambda: load_activity(aligned)),
+        ("psql expanded (\\x)", lambda: load_activity(expanded)),
+    ]
+    print(f"\nparse time of one {size}-session dump by format (median of {runs} runs, wall)")
+    base = None
+    for label, work in timings:
+        wall, _ = _median(runs, work)
+        base = base or wall
+        path = {"psql aligned": aligned, "psql expanded (\\x)": expanded}.get(label, activity)
+        print(
+            f"  {label:<30} {wall * 1000:>8.0f} ms  {wall / base:>5.1f}x  "
+            f"({path.stat().st_size / 1e6:.1f} MB)"
+        )
+
+
 def _median(runs: int, work: Callable[[], object]) -> tuple[float, float]:
     """Median wall-clock and median CPU seconds of ``runs`` calls of ``work``."""
     walls, cpus = [], []
@@ -265,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
     parser.add_argument("--profile", action="store_true", help="cProfile diagnose on the largest")
+    parser.add_argument("--paste-size", type=int, default=10_000, help="sessions, pasted formats")
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
     header = (
@@ -286,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         _row("unique", top, activity, settings, args.runs)
         # Which reader the timings are of: pyarrow may be missing, or decline a file.
         fast = fast_activity(activity, activity.read_bytes()) is not None
+        if args.paste_size:
+            paste_formats(Path(tmp), args.paste_size, args.runs)
     reader = "pyarrow (fast path)" if fast else "csv module (reference path)"
     print(
         f"\nmedians of {args.runs} runs. parse+diag: snapshot_from_files + diagnose (breakdowns, "

@@ -8,6 +8,7 @@ moved on, and the durable SQL must parse with hostile role names.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -124,8 +125,66 @@ def test_pattern_signal_sql_with_filters() -> None:
         "  and state = 'idle'\n"
         "  and state_change < now() - interval '1800 seconds'\n"
         "  and usename = 'o''neil'\n"
-        "  and client_addr is null;"
+        "  and client_addr is null\n"
+        "  and usesysid not in (select oid from pg_roles where rolsuper)\n"
+        "  and query !~* '^[[:space:]]*listen[[:space:]]';"
     )
+
+
+def test_pattern_signal_sql_with_an_age_per_state() -> None:
+    text = advice.pattern_signal_sql(
+        {"idle in transaction": 60, "idle in transaction (aborted)": 60, "idle": 1800},
+        "state_change",
+    )
+    assert (
+        "  and ((state in ('idle in transaction', 'idle in transaction (aborted)') and "
+        "state_change < now() - interval '60 seconds')\n"
+        "       or (state = 'idle' and state_change < now() - interval '1800 seconds'))\n"
+    ) in text
+
+
+# A name as hostile to a terminal as it gets: ESC sequences that clear the screen and set the
+# window title, a line separator, a C1 control, a bidi override (issue 10 item 10).
+_RAW_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e]")
+TERMINAL_HOSTILE = "app\x1b[2J\x1b]0;pwned\x07\u2028x\x85\u202ey\\z'\""
+
+
+@pytest.mark.parametrize(
+    ("value", "literal", "identifier"),
+    [
+        ("a\x1bb", "E'a\\x1bb'", 'U&"a\\001Bb"'),
+        ("line\u2028sep", "E'line\\u2028sep'", 'U&"line\\2028sep"'),
+        ("c1\x85", "E'c1\\u0085'", 'U&"c1\\0085"'),
+        ('q\\"\x07', "E'q\\\\\"\\x07'", 'U&"q\\\\""\\0007"'),
+    ],
+)
+def test_control_characters_are_escaped_in_sql(value: str, literal: str, identifier: str) -> None:
+    assert advice.quote_literal(value) == literal
+    assert advice.quote_ident(value) == identifier
+    assert advice.quoted_name(value) == identifier
+
+
+def test_no_statement_carries_a_raw_control_character() -> None:
+    texts = [
+        advice.quote_literal(TERMINAL_HOSTILE),
+        advice.quote_ident(TERMINAL_HOSTILE),
+        advice.alter_role_set(TERMINAL_HOSTILE, "statement_timeout", "5min"),
+        advice.pattern_signal_sql(
+            ("idle",), "state_change", 60, filters={"usename": TERMINAL_HOSTILE}
+        ),
+        advice.signal_sql(
+            [session(1, usename=TERMINAL_HOSTILE, application_name=TERMINAL_HOSTILE)]
+        ),
+    ]
+    for text in texts:
+        assert not _RAW_CONTROL.search(text.replace("\n", " ")), text
+
+
+def test_escape_controls_shows_them_and_keeps_lines_when_asked() -> None:
+    assert advice.escape_controls("a\x1b[2Jb") == "a\\x1b[2Jb"
+    assert advice.escape_controls("x\u2028y\nz") == "x\\u2028y\\x0az"
+    assert advice.escape_controls("x\u2028y\nz", keep_newlines=True) == "x\\u2028y\nz"
+    assert advice.escape_controls("plain rôle") == "plain rôle"
 
 
 def test_durable_sql_quotes_hostile_names() -> None:
@@ -230,7 +289,9 @@ def test_pgbouncer_ini_shape_and_quoting() -> None:
     lines = text.splitlines()
     assert lines[1] == "; sized for 97 usable slots"
     assert "appdb = host=127.0.0.1 port=5432 dbname=appdb" in lines
-    assert "\"Prod DB\" = host=127.0.0.1 port=5432 dbname='Prod DB'" in lines
+    # PgBouncer cannot read a quoted key: a name it cannot take as it is gets an alias.
+    assert "; database 'Prod DB' is served as Prod_DB" in lines
+    assert "Prod_DB = host=127.0.0.1 port=5432 dbname='Prod DB'" in lines
     assert (
         "appdb_session = host=127.0.0.1 port=5432 dbname=appdb pool_mode=session pool_size=4"
         in lines
@@ -425,6 +486,55 @@ def test_durable_and_pattern_sql_run_as_written(server: EmbeddedPostgres) -> Non
         ]
         admin.execute("alter system reset all")
         admin.execute("select pg_reload_conf()")
+
+
+def test_terminal_hostile_names_round_trip_through_the_sql(server: EmbeddedPostgres) -> None:
+    server.create_role(TERMINAL_HOSTILE)
+    statements = [
+        advice.alter_role_set(TERMINAL_HOSTILE, "statement_timeout", "5min"),
+        advice.alter_role_connection_limit(TERMINAL_HOSTILE, 3),
+    ]
+    with server.connect() as admin:
+        for sql_text in statements:
+            assert not _RAW_CONTROL.search(sql_text)
+            admin.execute(sql_text.encode())
+        row = admin.execute(
+            "select rolconnlimit, rolconfig from pg_roles where rolname = "
+            + advice.quote_literal(TERMINAL_HOSTILE)
+        ).fetchone()
+        assert row == (3, ["statement_timeout=5min"])
+        admin.execute(f"drop role {advice.quote_ident(TERMINAL_HOSTILE)}".encode())
+
+
+def test_pattern_and_guarded_sql_spare_superusers_and_listeners(server: EmbeddedPostgres) -> None:
+    server.create_role("guarded_plain")
+    app = "guard-test"
+    with (
+        server.connect() as admin,
+        psycopg.connect(
+            server.dsn("guarded_plain", application_name=app), autocommit=True
+        ) as plain,
+        psycopg.connect(server.dsn(application_name=app), autocommit=True) as superuser,
+        psycopg.connect(
+            server.dsn("guarded_plain", application_name=app), autocommit=True
+        ) as listener,
+    ):
+        plain.execute("select 1")
+        superuser.execute("select 1")
+        listener.execute("listen jobs")
+        pattern = advice.pattern_signal_sql(
+            ("idle",), "state_change", 0, filters={"application_name": app}
+        )
+        time.sleep(1.1)  # the age test is in whole seconds
+        rows = admin.execute(pattern.encode()).fetchall()
+        assert rows == [(plain.info.backend_pid, True)]
+        _wait_gone(admin, plain.info.backend_pid)
+        assert _alive(superuser) and _alive(listener)
+        # The precise form too, when the input could not say who is a superuser.
+        observed = _observe(admin, superuser.info.backend_pid)
+        guarded = advice.signal_sql([observed], spare_superusers=True)
+        assert admin.execute(guarded.encode()).fetchall() == []
+        assert _alive(superuser)
 
 
 def test_taken_at_is_timezone_aware() -> None:

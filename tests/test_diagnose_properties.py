@@ -7,7 +7,9 @@ the result serializes to the JSON contract.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from collections import Counter
 from typing import Any
 from unittest.mock import patch
@@ -17,10 +19,20 @@ from hypothesis import strategies as st
 
 from pgrelief.diagnose import DiagnoseOptions, _counting, diagnose, diagnose_refusal
 from pgrelief.diagnosis import (
+    EMERGENCY_SQL,
     IDLE_IN_TRANSACTION,
     LEAKED_IDLE,
     LONG_RUNNING,
     Severity,
+)
+from pgrelief.plan.terminations import protect_of
+from pgrelief.policy import ProtectSpec
+from pgrelief.protection import (
+    RUN_DEFAULTS,
+    SUPERUSER_UNKNOWN,
+    Protect,
+    protection,
+    protections,
 )
 from pgrelief.snapshot import CLIENT_BACKEND, STATES, RoleInfo, Snapshot
 from tests.factories import session, snapshot
@@ -227,3 +239,48 @@ def test_both_counting_strategies_agree(snap: Snapshot, options: DiagnoseOptions
     with _forced("columns"):
         counted = diagnose(snap, options).to_json()
     assert folded == counted
+
+
+_PROTECTS = st.builds(
+    Protect,
+    superusers=st.booleans(),
+    listeners=st.booleans(),
+    roles=st.frozensets(_NAMES, max_size=2),
+    applications=st.frozensets(_APPS, max_size=2),
+    databases=st.frozensets(st.sampled_from(["appdb", "postgres"]), max_size=1),
+    networks=st.sampled_from([(), (ipaddress.ip_network("10.0.0.0/31"),)]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(snap=_snapshots(), protect=_PROTECTS)
+def test_protections_is_the_rule_asked_session_by_session(snap: Snapshot, protect: Protect) -> None:
+    # The memoized form must never reuse a verdict for sessions the rule tells apart.
+    assert protections(snap.sessions, snap, protect) == [
+        protection(s, snap, protect) for s in snap.sessions
+    ]
+
+
+def test_run_defaults_are_a_policys_defaults() -> None:
+    # What diagnose spares when it has no policy is what a policy protects when it says nothing.
+    assert protect_of(ProtectSpec()) == RUN_DEFAULTS
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(snap=_snapshots(), options=_options())
+def test_no_statement_names_a_session_run_would_spare(
+    snap: Snapshot, options: DiagnoseOptions
+) -> None:
+    d = diagnose(snap, options)
+    texts = [fix.text for f in d.findings for fix in f.fixes if fix.kind == EMERGENCY_SQL]
+    if d.verdict is not None and d.verdict.emergency is not None:
+        texts.append(d.verdict.emergency.text)
+    statements = "\n".join(texts)
+    for row in snap.sessions:
+        why = protection(row, snap)
+        if why is not None and why.rule == SUPERUSER_UNKNOWN:
+            # Unknown superusers are re-checked by the server; the other protections hold.
+            why = protection(row, snap, Protect(superusers=False))
+        if why is not None:
+            assert f"({row.pid}, " not in statements, (row, why)
+            assert not re.search(rf"\bpid in \([^)]*\b{row.pid}\b", statements), row

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pgrelief._dev.embedded import EmbeddedPostgres
@@ -312,7 +312,7 @@ def test_missing_unreadable_and_empty_files(tmp_path: Path) -> None:
     expect_dump_error(tmp_path, "is a directory")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    expect_dump_error(empty, "the file is empty", "\\copy (select * from pg_stat_activity)")
+    expect_dump_error(empty, "the file is empty", "accepted: CSV with a header line")
     blank = tmp_path / "blank.json"
     blank.write_text("  \n\n ")
     expect_dump_error(blank, "the file is empty")
@@ -324,10 +324,18 @@ def test_missing_unreadable_and_empty_files(tmp_path: Path) -> None:
 def test_text_that_is_not_a_dump(tmp_path: Path) -> None:
     prose = tmp_path / "notes.txt"
     prose.write_text("the database is down again\nplease help\n")
-    expect_dump_error(prose, "not a CSV dump with a header line", "the database is down again")
-    pasted = tmp_path / "pasted.csv"
-    pasted.write_text(" pid | state\n-----+-------\n 42 | idle\n(1 row)\n")
-    expect_dump_error(pasted, "not a CSV dump with a header line")
+    expect_dump_error(
+        prose,
+        "not a dump pgrelief can read (first line: 'the database is down again')",
+        "accepted: CSV with a header line",
+        "psql's aligned or expanded (\\x) output",
+    )
+    # psql's aligned output is read; this one lacks what a Session needs.
+    pasted = tmp_path / "pasted.txt"
+    pasted.write_text(" pid | state\n-----+-------\n  42 | idle\n(1 row)\n")
+    expect_dump_error(
+        pasted, "missing column(s) usename (or usesysid), state_change (or query_start)"
+    )
     header_only = tmp_path / "header.csv"
     header_only.write_text("pid,usename,state,state_change\n")
     expect_dump_error(header_only, "header but no rows")
@@ -698,6 +706,8 @@ def test_the_fast_path_reads_what_psql_writes(data: bytes) -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(_any_csv())
+# A cell that starts the first data line with U+FEFF: pyarrow took it for a file's BOM.
+@example(b"usename,state_change,pid,state\n\xef\xbb\xbf,2025-03-14 11:59:13.169295+00,1,\n\n")
 def test_the_fast_path_gives_the_reference_result_or_declines(data: bytes) -> None:
     found = fast(data)
     if found is not None:
@@ -725,8 +735,9 @@ def test_input_pyarrow_reads_differently_takes_the_reference_path(tmp_path: Path
     data = f"{header}1,u,idle,{stamp},\n2,u,active,{stamp},{long_query}\n".encode()
     assert fast(data) == reference(data)
     assert long_query in (fast(data) or "")
-    # Undecodable bytes in a column that is read: replaced, as the reference does.
+    # Bytes that are not UTF-8 in a column that is read: the reference path decodes them
+    # (here as LATIN1, the only encoding the file can be in; test_encodings has the rest).
     mangled = tmp_path / "mangled.csv"
     mangled.write_bytes(f"{header}1,u\xff,idle,{stamp},\n".encode("latin-1"))
     assert fast_activity(mangled, mangled.read_bytes()) is None
-    assert [s.usename for s in load_activity(mangled).sessions] == ["u\ufffd"]
+    assert [s.usename for s in load_activity(mangled).sessions] == ["u\xff"]

@@ -15,10 +15,17 @@ import pytest
 
 from pgrelief import advice
 from pgrelief.pgbouncer_ini import (
+    DEFAULT_IMAGE,
+    OLDEST_VERSION,
     POOL_MODES,
     RESERVED_PGBOUNCER_KEYS,
+    SETTING_SINCE,
     TUNABLE_DEFAULTS,
+    IniAuth,
+    database_keys,
+    image_version,
     parameter_problem,
+    parse_version,
     pgbouncer_ini,
 )
 from pgrelief.policy import PolicyError, validate_spec
@@ -33,6 +40,8 @@ def _render(**overrides: Any) -> str:
         "max_db_connections": 80,
         "databases": ["appdb"],
         "session_pools": {"appdb": 3},
+        "version": (1, 24),
+        "ignore_startup_parameters": "extra_float_digits",
     }
     arguments.update(overrides)
     return pgbouncer_ini(**arguments)
@@ -44,15 +53,39 @@ def _settings(text: str) -> list[tuple[str, str]]:
     found = []
     for line in lines[lines.index("[pgbouncer]") + 1 :]:
         if line and not line.startswith(";"):
-            key, _, value = line.partition(" = ")
-            found.append((key, value))
+            key, _, value = line.partition("=")
+            found.append((key.strip(), value.strip()))
     return found
+
+
+_AUTH_QUERY = IniAuth(
+    auth_type="scram-sha-256",
+    auth_file="/var/run/pgbouncer/userlist.txt",
+    auth_user="pgbouncer_auth",
+    auth_query="SELECT usename, passwd FROM pgbouncer.get_auth($1)",
+    auth_dbname="appdb",
+)
 
 
 def _variants() -> list[str]:
     return [
-        _render(pool_mode=mode, max_db_connections=cap, session_pools=pools)
-        for mode, cap, pools in itertools.product(POOL_MODES, (None, 80), (None, {"appdb": 3}))
+        _render(
+            pool_mode=mode,
+            max_db_connections=cap,
+            session_pools=pools,
+            version=version,
+            auth=auth if version >= (1, 20) else None,
+            unix_socket_dir="",
+            server_tls_sslmode="verify-full",
+            server_tls_ca_file="/etc/pgbouncer/ca.crt",
+        )
+        for mode, cap, pools, version, auth in itertools.product(
+            POOL_MODES,
+            (None, 80),
+            (None, {"appdb": 3}),
+            (OLDEST_VERSION, (1, 24)),
+            (None, _AUTH_QUERY),
+        )
     ]
 
 
@@ -63,6 +96,7 @@ def test_every_key_the_renderer_writes_is_reserved_or_a_declared_tunable_default
     # The keys the dedicated spec fields and the container wiring set are among the written.
     assert {"pool_mode", "default_pool_size", "reserve_pool_size", "max_client_conn"} <= written
     assert {"listen_addr", "listen_port", "auth_type", "auth_file"} <= written
+    assert {"auth_user", "auth_query", "auth_dbname", "server_tls_sslmode"} <= written
 
 
 def test_the_renderer_writes_each_key_once() -> None:
@@ -87,13 +121,13 @@ def test_other_parameters_follow_the_rendered_settings_once_each() -> None:
     text = _render(
         parameters={
             "server_reset_query": "DISCARD ALL",
-            "ignore_startup_parameters": "extra_float_digits",
+            "application_name_add_host": "1",
         }
     )
     settings = _settings(text)
     assert settings[-2:] == [
         ("server_reset_query", "DISCARD ALL"),
-        ("ignore_startup_parameters", "extra_float_digits"),
+        ("application_name_add_host", "1"),
     ]
     assert "; From the policy's pgbouncer.parameters" in text.splitlines()
     assert _settings(_render()) == settings[:-2]
@@ -142,3 +176,66 @@ def test_a_policys_parameters_render_into_the_ini() -> None:
 
 def test_advice_shows_the_same_renderer() -> None:
     assert advice.pgbouncer_ini is pgbouncer_ini
+
+
+# --- how PgBouncer reads the file ------------------------------------------------------------
+
+
+def test_settings_newer_than_the_version_are_written_only_for_releases_that_have_them() -> None:
+    old = dict(_settings(_render(version=OLDEST_VERSION)))
+    new = dict(_settings(_render(version=(1, 24))))
+    assert "max_prepared_statements" not in old
+    assert new["max_prepared_statements"] == "200"
+    assert set(new) - set(old) == {"max_prepared_statements"}
+    assert all(since > OLDEST_VERSION for since in SETTING_SINCE.values())
+
+
+def test_a_parameter_newer_than_the_version_is_refused() -> None:
+    problem = parameter_problem("max_prepared_statements", "100", (1, 18))
+    assert problem == (
+        "'max_prepared_statements' needs PgBouncer 1.21 or later; the image runs 1.18"
+    )
+    assert parameter_problem("max_prepared_statements", "100", (1, 21)) is None
+    assert parameter_problem("max_prepared_statements", "100") is None  # no version: no gate
+    with pytest.raises(ValueError, match=r"needs PgBouncer 1\.21"):
+        _render(version=(1, 18), parameters={"max_prepared_statements": "100"})
+    with pytest.raises(ValueError, match=r"auth_dbname needs PgBouncer 1\.20"):
+        _render(version=(1, 18), auth=_AUTH_QUERY)
+
+
+def test_values_are_written_verbatim_and_the_unix_socket_can_be_turned_off() -> None:
+    text = _render(parameters={"server_reset_query": "DISCARD ALL"}, unix_socket_dir="")
+    lines = text.splitlines()
+    assert "server_reset_query = DISCARD ALL" in lines
+    assert "unix_socket_dir =" in lines
+    assert parameter_problem("server_reset_query", " DISCARD ALL") is not None
+
+
+def test_database_names_pgbouncer_cannot_read_as_keys_get_unique_aliases() -> None:
+    keys = database_keys(["app", "Prod DB", "Prod_DB", "naïve", "x\ny"])
+    assert keys == {"app": "app", "Prod DB": "Prod_DB", "Prod_DB": "Prod_DB_2", "naïve": "na_ve"}
+    text = _render(databases=["Prod_DB", "Prod DB", "it's"], session_pools={"Prod DB": 2})
+    lines = text.splitlines()
+    assert "Prod_DB = host=127.0.0.1 port=5432 dbname=Prod_DB" in lines
+    assert "Prod_DB_2 = host=127.0.0.1 port=5432 dbname='Prod DB'" in lines
+    assert "it_s = host=127.0.0.1 port=5432 dbname='it''s'" in lines
+    assert (
+        "Prod_DB_2_session = host=127.0.0.1 port=5432 dbname='Prod DB' pool_mode=session "
+        "pool_size=2"
+    ) in lines
+    newline = _render(databases=["a\nb = x"], session_pools={})
+    assert "; database 'a\\nb = x' has a line break: PgBouncer cannot serve it" in newline
+    assert not any(line.startswith("b = x") for line in newline.splitlines())
+
+
+def test_versions_from_text_and_image_tags() -> None:
+    assert parse_version("1.24.1") == (1, 24)
+    assert parse_version("v1.18") == (1, 18)
+    with pytest.raises(ValueError, match="not a PgBouncer version"):
+        parse_version("latest")
+    assert image_version(DEFAULT_IMAGE) is not None
+    assert image_version(DEFAULT_IMAGE) >= (1, 23)  # type: ignore[operator]
+    assert image_version("registry:5000/pgbouncer:1.22.1-p0") == (1, 22)
+    assert image_version("registry:5000/pgbouncer") is None
+    assert image_version("pgbouncer:latest@sha256:abc") is None
+    assert image_version("pgbouncer:1.21@sha256:abc") == (1, 21)

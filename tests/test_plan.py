@@ -24,7 +24,7 @@ from pgrelief.plan import (
     plan_revert,
     role_key,
 )
-from pgrelief.snapshot import Session, Setting
+from pgrelief.snapshot import Session, Setting, Snapshot
 from tests.factories import (
     MANAGED_SETTINGS,
     OWN_PID,
@@ -595,7 +595,8 @@ def test_revert_restores_recorded_originals_and_skips_what_is_back() -> None:
         ),
     )
     result = plan_revert(enforce(), current, originals)
-    why = "revert to the value found before pgrelief changed it (limits.onDelete Keep)"
+    # Not "(limits.onDelete Keep)": `run --revert` reverts whatever onDelete says.
+    why = "revert to the value found before pgrelief changed it"
     assert result.actions == (
         SetRoleConnectionLimit("app", -1, 50, why),
         SetRoleSetting("app", "statement_timeout", "5s", "30s", why),
@@ -606,6 +607,39 @@ def test_revert_restores_recorded_originals_and_skips_what_is_back() -> None:
     assert result.originals == {}
     reverted = apply_changes(current, result.changes)
     assert plan_revert(enforce(), reverted, originals).actions == ()
+
+
+def test_a_setting_without_an_alter_system_value_is_recorded_as_none_and_reset() -> None:
+    def keepalives(value: str, source: str, sourcefile: str | None) -> Snapshot:
+        found = Setting("tcp_keepalives_idle", value, "s", "user", source, sourcefile)
+        return snapshot(server_settings={"tcp_keepalives_idle": found})
+
+    spec_ = enforce(limits={"server": {"tcpKeepalivesIdle": 60}})
+    # From postgresql.conf or the default: nothing explicit to put back, so RESET.
+    for before in (
+        keepalives("0", "default", None),
+        keepalives("7200", "configuration file", "/etc/postgresql/postgresql.conf"),
+    ):
+        applied = plan(spec_, before, Severity.HEALTHY, EMPTY, NOW)
+        assert applied.originals == {"system:tcp_keepalives_idle": None}
+    after = keepalives("60", "configuration file", "/data/postgresql.auto.conf")
+    (reset,) = plan_revert(spec_, after, {"system:tcp_keepalives_idle": None}).actions
+    assert reset == SetSystemSetting(
+        "tcp_keepalives_idle",
+        None,
+        "60s",
+        "revert to the value found before pgrelief changed it (it had no ALTER SYSTEM value: "
+        "RESET)",
+    )
+    back = keepalives("0", "default", None)
+    assert plan_revert(spec_, back, {"system:tcp_keepalives_idle": None}).actions == ()
+    # An earlier ALTER SYSTEM value, or one whose origin is not visible, is put back as it was.
+    for before in (
+        keepalives("30", "configuration file", "/data/postgresql.auto.conf"),
+        keepalives("30", "configuration file", None),
+    ):
+        applied = plan(spec_, before, Severity.HEALTHY, EMPTY, NOW)
+        assert applied.originals == {"system:tcp_keepalives_idle": "30s"}
 
 
 def test_revert_of_a_role_that_is_gone_is_reported() -> None:

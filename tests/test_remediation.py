@@ -467,5 +467,18 @@ def test_server_settings_reload_idempotently_restart_only_ones_are_recommended(
         second = run_once(server, policy, tmp_path)
         assert [r for r in second if r["action"] == "alter_system"] == []
 
-        run_once(server, policy, tmp_path, "--revert")
+        def in_auto_conf() -> set[str]:
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                rows = conn.execute(
+                    "select name from pg_file_settings "
+                    "where sourcefile like '%%postgresql.auto.conf'"
+                ).fetchall()
+            return {str(name) for (name,) in rows}
+
+        assert "tcp_keepalives_idle" in in_auto_conf()
+        reverted = run_once(server, policy, tmp_path, "--revert")
         assert effective() == before
+        # None of them had an ALTER SYSTEM value before: revert RESETs them instead of pinning
+        # today's defaults in postgresql.auto.conf (issue 10 item 21).
+        assert in_auto_conf() == set()
+        assert all("onDelete" not in r["reason"] for r in reverted), reverted

@@ -302,7 +302,7 @@ def test_a_future_or_zoneless_termination_time_does_not_block_the_budget(
 def forwarder(pg_server: EmbeddedPostgres) -> Iterator[Forwarder]:
     proxy = Forwarder((pg_server.host, pg_server.port))
     yield proxy
-    proxy.close()
+    proxy.release()
 
 
 def test_the_loop_waits_for_a_server_that_is_down_at_start(

@@ -128,6 +128,28 @@ def test_size_small_server_is_limited_by_memory() -> None:
     assert any("memory is the limit here" in line for line in sizing.reasoning)
 
 
+def test_size_a_small_server_lowers_what_was_not_given_instead_of_failing() -> None:
+    sizing = size_server(1 * GB)
+    # 1GB - 512MB reserve: shared_buffers 256MB -> 128MB, work_mem 4MB -> 1MB, 3 reserved:
+    # (512MB - 128MB - 192MB autovacuum) / (10 + 2 + 8 = 20MB) = 9
+    assert (sizing.memory.shared_buffers, sizing.memory.work_mem) == (128 * MB, 1 * MB)
+    assert sizing.max_connections == 9
+    assert sizing.superuser_reserved_connections == 3
+    assert sizing.usable_slots == 6
+    assert sizing.needs_pgbouncer
+    assert sizing.memory.worst_case(sizing.max_connections) <= sizing.ram - sizing.os_reserve
+    assert "alter system set work_mem = '1MB';" in sizing.settings_sql()
+    assert [line for line in sizing.reasoning if line.startswith("small server:")] == [
+        "small server: shared_buffers lowered from 256MB to 128MB so connections fit",
+        "small server: work_mem lowered from 4MB to 1MB (give the few queries that need more "
+        "their own: alter role <role> set work_mem)",
+        "small server: superuser_reserved_connections kept at PostgreSQL's 3",
+    ]
+    # What the user set is theirs: a given work_mem is not lowered.
+    pinned = size_server(2 * GB, work_mem=4 * MB)
+    assert pinned.memory.work_mem == 4 * MB
+
+
 def test_size_with_application_demand() -> None:
     sizing = size_server(
         16 * GB,

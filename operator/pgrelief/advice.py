@@ -61,20 +61,70 @@ def quote_ident(name: str) -> str:
 
 
 def quoted_name(name: str) -> str:
-    """``name`` always in double quotes: unambiguous in prose such as ``role "app"``."""
-    return '"' + name.replace('"', '""') + '"'
+    """``name`` always in double quotes: unambiguous in prose such as ``role "app"``.
+
+    A name holding control characters (an ESC that would clear a terminal, a line separator
+    that would split an audit line) is written as a ``U&"..."`` identifier with those
+    characters as ``\\XXXX`` escapes: PostgreSQL reads back exactly the observed name, and
+    nothing printed reaches the terminal raw.
+    """
+    if _UNSAFE.search(name) is None:
+        return '"' + name.replace('"', '""') + '"'
+    escaped = _UNSAFE.sub(_unicode_escape, name.replace("\\", "\\\\")).replace('"', '""')
+    return 'U&"' + escaped + '"'
 
 
 def quote_literal(value: str) -> str:
     """``value`` as an SQL string literal, correct whatever standard_conforming_strings says.
 
     Single quotes are doubled; a value with a backslash becomes an ``E''`` literal with the
-    backslashes doubled, as PostgreSQL's own ``quote_literal`` does.
+    backslashes doubled, as PostgreSQL's own ``quote_literal`` does. Control characters
+    become ``E''`` escapes (``\\x1b``, ``\\u2028``), so the literal still matches the
+    observed value and shows nothing raw on a terminal.
     """
     quoted = value.replace("'", "''")
-    if "\\" in value:
-        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    if "\\" in value or _UNSAFE.search(value) is not None:
+        return "E'" + _UNSAFE.sub(_e_escape, quoted.replace("\\", "\\\\")) + "'"
     return "'" + quoted + "'"
+
+
+# Characters that must never reach a terminal raw: C0 and C1 controls (ESC starts the
+# sequences that clear screens and retitle windows), DEL, the Unicode line and paragraph
+# separators (splitlines() breaks on them) and the bidirectional overrides ("Trojan source").
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a character ``escape_controls`` would rewrite."""
+    return _UNSAFE.search(text) is not None
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control character shown as a visible escape (``\\x1b``).
+
+    For display only (it changes the text): names and values in prose, report cells. With
+    ``keep_newlines``, line feeds stay (multi-line SQL and ini texts keep their lines).
+    """
+    if _UNSAFE.search(text) is None:
+        return text
+    if keep_newlines:
+        return "\n".join(_UNSAFE.sub(_visible, line) for line in text.split("\n"))
+    return _UNSAFE.sub(_visible, text)
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group(0))
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _e_escape(match: re.Match[str]) -> str:
+    # \xHH for ASCII; \uXXXX above (valid in E'' literals on a UTF-8 server).
+    code = ord(match.group(0))
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+def _unicode_escape(match: re.Match[str]) -> str:
+    return f"\\{ord(match.group(0)):04X}"
 
 
 def timestamp_literal(moment: datetime) -> str:
@@ -135,17 +185,22 @@ where wait_event_type = 'Lock'
 order by query_start;"""
 
 
-def signal_sql(sessions: Sequence[Session], *, cancel: bool = False) -> str:
+def signal_sql(
+    sessions: Sequence[Session], *, cancel: bool = False, spare_superusers: bool = False
+) -> str:
     """``pg_terminate_backend`` (or ``pg_cancel_backend``) for exactly these observed sessions.
 
     Each session is matched on pid, backend_start, state and state_change as observed (for a
     cancel: query_start instead of state_change, so only the same query is cancelled): a
     reused pid, or a session that has since run another statement, no longer matches. Sessions
-    whose dump lacked those timestamps fall back to pid and state.
+    whose dump lacked those timestamps fall back to pid and state. ``spare_superusers`` adds a
+    check, made by the server when the statement runs, that leaves superusers' sessions alone
+    (for input that could not tell who is one).
     """
     function = "pg_cancel_backend" if cancel else "pg_terminate_backend"
     label = "cancelled" if cancel else "terminated"
     moment = "query_start" if cancel else "state_change"
+    guard = f"\n{SPARE_SUPERUSERS}" if spare_superusers else ""
     precise: list[str] = []
     loose: dict[str, list[int]] = {}
     for session in sessions:
@@ -166,7 +221,7 @@ def signal_sql(sessions: Sequence[Session], *, cancel: bool = False) -> str:
             "where backend_type = 'client backend'\n"
             f"  and (pid, backend_start, state, {moment}) in (values\n"
             + ",\n".join(precise)
-            + "\n  );"
+            + f"\n  ){guard};"
         )
     for state, pids in loose.items():
         statements.append(
@@ -174,15 +229,22 @@ def signal_sql(sessions: Sequence[Session], *, cancel: bool = False) -> str:
             f"select pid, {function}(pid) as {label}\n"
             "from pg_stat_activity\n"
             f"where backend_type = 'client backend' and state = {quote_literal(state)}\n"
-            f"  and pid in ({', '.join(str(pid) for pid in pids)});"
+            f"  and pid in ({', '.join(str(pid) for pid in pids)}){guard};"
         )
     return "\n".join(statements)
 
 
+# The server-side checks a statement carries when it cannot list who it spares: `pgrelief
+# run` never terminates superusers' or LISTEN sessions by default (pgrelief.protection), and
+# neither may a statement diagnose prints.
+SPARE_SUPERUSERS = "  and usesysid not in (select oid from pg_roles where rolsuper)"
+SPARE_LISTENERS = "  and query !~* '^[[:space:]]*listen[[:space:]]'"
+
+
 def pattern_signal_sql(
-    states: Sequence[str],
+    states: Sequence[str] | Mapping[str, float],
     age_column: str,
-    min_age_s: float,
+    min_age_s: float = 0.0,
     *,
     filters: Mapping[str, str | None] | None = None,
     cancel: bool = False,
@@ -190,29 +252,46 @@ def pattern_signal_sql(
     """A terminate (or cancel) by pattern: state, minimum age and optional column filters.
 
     For when too many sessions match to list them: it re-checks state and age at execution
-    time, so a session that became active or a freshly reused pid is not touched. A filter
-    value of ``None`` matches NULL (``client_addr`` of a Unix-socket client).
+    time, so a session that became active or a freshly reused pid is not touched, and it
+    spares superusers' and LISTEN sessions as ``pgrelief run`` does. ``states`` may map each
+    state to its own minimum age (``min_age_s`` is then unused). A filter value of ``None``
+    matches NULL (``client_addr`` of a Unix-socket client).
     """
     function = "pg_cancel_backend" if cancel else "pg_terminate_backend"
     label = "cancelled" if cancel else "terminated"
-    if len(states) == 1:
-        state_clause = f"state = {quote_literal(states[0])}"
-    else:
-        state_clause = f"state in ({', '.join(quote_literal(s) for s in states)})"
+    ages = dict(states) if isinstance(states, Mapping) else dict.fromkeys(states, min_age_s)
+    by_age: dict[int, list[str]] = {}
+    for state, age in ages.items():
+        by_age.setdefault(int(age), []).append(state)
     lines = [
         f"select pid, {function}(pid) as {label}",
         "from pg_stat_activity",
         "where backend_type = 'client backend'",
         "  and pid <> pg_backend_pid()",
-        f"  and {state_clause}",
-        f"  and {age_column} < now() - interval '{int(min_age_s)} seconds'",
     ]
+    if len(by_age) == 1:
+        [(age, grouped)] = by_age.items()
+        lines.append(f"  and {_state_clause(grouped)}")
+        lines.append(f"  and {age_column} < now() - interval '{age} seconds'")
+    else:
+        clauses = [
+            f"({_state_clause(grouped)} and {age_column} < now() - interval '{age} seconds')"
+            for age, grouped in by_age.items()
+        ]
+        lines.append("  and (" + "\n       or ".join(clauses) + ")")
     for column, value in (filters or {}).items():
         if value is None:
             lines.append(f"  and {column} is null")
         else:
             lines.append(f"  and {column} = {quote_literal(value)}")
+    lines += [SPARE_SUPERUSERS, SPARE_LISTENERS]
     return "\n".join(lines) + ";"
+
+
+def _state_clause(states: Sequence[str]) -> str:
+    if len(states) == 1:
+        return f"state = {quote_literal(states[0])}"
+    return f"state in ({', '.join(quote_literal(s) for s in states)})"
 
 
 def fix_sql(*statements: Statement) -> str:

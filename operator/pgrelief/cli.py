@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,13 +23,16 @@ from pgrelief.crd import crd_yaml
 from pgrelief.diagnose import DiagnoseOptions, OptionsError, diagnose_refusal
 from pgrelief.diagnose import diagnose as run_diagnosis
 from pgrelief.diagnosis import Diagnosis, Severity
-from pgrelief.dumps import snapshot_from_files
+from pgrelief.dumps import load_input
 from pgrelief.durations import DurationError, parse_duration
 from pgrelief.errors import PgreliefError, ServerRefused
 from pgrelief.observe import connect, take_snapshot
 from pgrelief.report import render_json, render_sizing, render_text
 from pgrelief.runner import run_standalone
 from pgrelief.sizing import SizeError, parse_size, size_server
+from pgrelief.snapshot import given_max_connections
+from pgrelief.triage import diagnose_offline
+from pgrelief.web import DEFAULT_PORT, serve
 
 EXIT_ERROR = int(Severity.UNKNOWN)
 
@@ -56,29 +60,72 @@ def cli() -> None:
 @click.option(
     "--activity-file",
     type=click.Path(path_type=Path),
-    help="pg_stat_activity dump: psql \\copy CSV with header, or json_agg JSON.",
+    help="pg_stat_activity as pasted, '-' for stdin: psql's aligned or \\x output, CSV with "
+    "a header, or JSON; or the output of the three triage queries (a partial diagnosis). "
+    "SHOW ALL / pg_settings may follow in the same paste.",
 )
 @click.option(
     "--settings-file",
     type=click.Path(path_type=Path),
-    help="pg_settings dump (CSV or JSON) to go with --activity-file.",
+    help="pg_settings or SHOW ALL output (any of those formats) to go with --activity-file.",
 )
-@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
-@click.option("--idle-after", help="Idle this long counts as a leaked session (default 30m).")
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, None),
+    help="The server's max_connections, for an --activity-file without --settings-file "
+    "(otherwise PostgreSQL's default 100 is assumed, and the report says so); overrides the "
+    "settings file.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: the verdict, the statement to run now and the durable fixes; json: the full "
+    "diagnosis (the contract scripts and monitoring read).",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Text report in full: breakdown tables, and every finding with its evidence and "
+    "statements (the diagnostic queries, pgbouncer.ini, ORM pool settings).",
+)
+@click.option(
+    "--idle-after",
+    help="Idle this long counts as a leaked session (default 30m). Only what to look at: "
+    "the advised idle_session_timeout is never shorter than the default.",
+)
 @click.option(
     "--idle-in-transaction-after",
-    help="Idle in transaction this long is reported (default 60s).",
+    help="Idle in transaction this long is reported (default 60s); the advised timeouts are "
+    "never shorter than the default.",
 )
 @click.option("--long-running-after", help="Active this long is a long-running query (5m).")
 @click.option("--memory", help="Server RAM (e.g. 16GB) to check max_connections against.")
 @click.option("--stack", type=click.Choice(STACKS), help="Force the ORM advice for this stack.")
-@click.option("--warning-percent", type=click.IntRange(1, 100), default=70, show_default=True)
-@click.option("--critical-percent", type=click.IntRange(1, 100), default=90, show_default=True)
+@click.option(
+    "--warning-percent",
+    type=click.IntRange(1, 100),
+    default=70,
+    show_default=True,
+    help="Share of usable slots in use that is a warning (exit 1).",
+)
+@click.option(
+    "--critical-percent",
+    type=click.IntRange(1, 100),
+    default=90,
+    show_default=True,
+    help="Share of usable slots in use that is critical (exit 2).",
+)
 def diagnose(
     dsn: str | None,
     activity_file: Path | None,
     settings_file: Path | None,
+    max_connections: int | None,
     output_format: str,
+    verbose: bool,
     idle_after: str | None,
     idle_in_transaction_after: str | None,
     long_running_after: str | None,
@@ -89,6 +136,20 @@ def diagnose(
 ) -> None:
     """Explain what is using the connection slots, with evidence and fixes.
 
+    \b
+    Live:    pgrelief diagnose --dsn 'host=db user=postgres'
+    Pasted:  psql -X -c 'select now(), * from pg_stat_activity' -c 'show all' \\
+               | pgrelief diagnose --activity-file -
+
+    The report leads with the verdict (what holds the slots, who, since when), the one
+    statement that frees them and the durable fixes; --verbose shows everything. Sessions
+    `pgrelief run` protects by default (superusers, LISTEN sessions, its own) are never in
+    its statements.
+
+    The output of the seed's three triage queries (connections by state; by usename,
+    application_name and state; the 20 oldest idle sessions with now() - state_change as
+    idle_duration) gives a partial diagnosis that says what needs the full dump.
+
     Exit status: 0 healthy, 1 warning, 2 critical, 3 unknown or error.
     """
 
@@ -96,6 +157,10 @@ def diagnose(
         raise click.UsageError("give exactly one of --dsn or --activity-file")
     if settings_file is not None and activity_file is None:
         raise click.UsageError("--settings-file goes with --activity-file")
+    if max_connections is not None and activity_file is None:
+        raise click.UsageError(
+            "--max-connections goes with --activity-file (a live server reports its own)"
+        )
     if warning_percent >= critical_percent:
         raise click.UsageError("--warning-percent must be below --critical-percent")
     try:
@@ -127,9 +192,9 @@ def diagnose(
     diagnosis = (
         _diagnose_live(dsn, options)
         if dsn is not None
-        else _diagnose_files(activity_file, settings_file, options)
+        else _diagnose_files(activity_file, settings_file, options, max_connections)
     )
-    _render(diagnosis, output_format)
+    _render(diagnosis, output_format, verbose=verbose)
     sys.exit(int(diagnosis.status))
 
 
@@ -144,19 +209,26 @@ def _diagnose_live(dsn: str, options: DiagnoseOptions) -> Diagnosis:
 
 
 def _diagnose_files(
-    activity_file: Path | None, settings_file: Path | None, options: DiagnoseOptions
+    activity_file: Path | None,
+    settings_file: Path | None,
+    options: DiagnoseOptions,
+    max_connections: int | None = None,
 ) -> Diagnosis:
 
     assert activity_file is not None
-    return run_diagnosis(snapshot_from_files(activity_file, settings_file), options)
+    loaded = load_input(activity_file, settings_file)
+    found = loaded.found
+    if max_connections is not None:
+        found = replace(found, server=given_max_connections(found.server, max_connections))
+    return diagnose_offline(found, options, loaded.notes)
 
 
-def _render(diagnosis: Diagnosis, output_format: str) -> None:
+def _render(diagnosis: Diagnosis, output_format: str, *, verbose: bool = False) -> None:
 
     if output_format == "json":
         render_json(diagnosis, sys.stdout)
     else:
-        render_text(diagnosis, sys.stdout)
+        render_text(diagnosis, sys.stdout, verbose=verbose)
 
 
 @cli.command()
@@ -223,8 +295,21 @@ def _size_option(value: str | None, flag: str) -> int | None:
 @click.option("--per-backend", help="Base memory of one backend (default 10MB).")
 @click.option("--app-instances", type=int, help="Application instances connecting.")
 @click.option("--pool-per-instance", type=int, help="Their ORM pool size each.")
-@click.option("--pgbouncer-replicas", type=int, default=1, show_default=True)
-@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--pgbouncer-replicas",
+    type=int,
+    default=1,
+    show_default=True,
+    help="PgBouncer instances sharing the server's slots (the pools are split between them).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: a table with the reasoning and the SQL; json: the same numbers for scripts.",
+)
 def size(
     ram: str,
     shared_buffers: str | None,
@@ -235,7 +320,11 @@ def size(
     pgbouncer_replicas: int,
     output_format: str,
 ) -> None:
-    """Compute a safe max_connections and pool sizes for a server's memory."""
+    """Compute a safe max_connections and pool sizes for a server's memory.
+
+    A small server gets advice too: when the memory cannot hold a useful max_connections
+    with the defaults, shared_buffers and work_mem are lowered (and said so) before giving up.
+    """
     optional: dict[str, int] = {}
     for key, value, flag in (
         ("work_mem", work_mem, "--work-mem"),
@@ -274,9 +363,19 @@ def size(
 )
 @click.option("--standalone", is_flag=True, help="No peering: for exactly one replica.")
 @click.option("--priority", type=int, help="Peering priority (default: random per process).")
-@click.option("--peering", "peering_name", default="pgrelief", show_default=True)
 @click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--peering",
+    "peering_name",
+    default="pgrelief",
+    show_default=True,
+    help="Name of the kopf peering object the replicas coordinate through.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text or as one JSON object each.",
 )
 @click.option(
     "--audit-file",
@@ -326,6 +425,28 @@ def operator_command(
         instance=instance,
         verbose=verbose,
     )
+
+
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port on 127.0.0.1 (0: any free port; the URL is printed).",
+)
+def web(port: int) -> None:
+    """Serve a page on this machine to paste pg_stat_activity into.
+
+    The page takes what diagnose --activity-file takes (psql's output, CSV, JSON, the triage
+    queries; pasted or dropped as a file) and shows the same report: the verdict, the
+    emergency SQL with copy buttons, a chart of connections by state and by application.
+    It listens on 127.0.0.1 only and loads nothing from anywhere else.
+    """
+    try:
+        serve(port)
+    except OSError as error:
+        raise click.UsageError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
 
 
 @cli.command()

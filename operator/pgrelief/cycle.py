@@ -35,6 +35,7 @@ from pgrelief.plan import (
     session_identity,
 )
 from pgrelief.policy import ConnectionPolicy
+from pgrelief.snapshot import Snapshot
 
 BACKOFF_FIRST = timedelta(seconds=10)
 BACKOFF_MAX = timedelta(minutes=10)
@@ -46,6 +47,7 @@ class CycleReport:
     plan: Plan
     records: list[AuditRecord]
     stopped_before_acting: bool = False
+    snapshot: Snapshot | None = None  # what was observed (the operator sizes PgBouncer from it)
 
     def count(self, outcome: str) -> int:
         return sum(1 for r in self.records if r.outcome == outcome)
@@ -104,7 +106,7 @@ class Cycle:
         )
         the_plan = plan(self.policy.spec, snapshot, diagnosis.pressure, history, now)
         if stopping is not None and stopping.is_set():
-            return CycleReport(diagnosis, the_plan, [], stopped_before_acting=True)
+            return CycleReport(diagnosis, the_plan, [], True, snapshot)
         dry_run = self.dry_run
         if not dry_run and the_plan.originals:
             self.store.keep_originals(the_plan.originals)
@@ -123,7 +125,7 @@ class Cycle:
             self.store.note_terminations(
                 (r.ts for r in records if r.outcome == "done" and r.action == "terminate"), now
             )
-        return CycleReport(before=diagnosis, plan=the_plan, records=[*records, *skips])
+        return CycleReport(diagnosis, the_plan, [*records, *skips], snapshot=snapshot)
 
     def revert(self, conn: Connection) -> CycleReport:
         """Restore every recorded original the server no longer has (whatever the mode)."""

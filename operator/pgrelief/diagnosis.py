@@ -40,6 +40,8 @@ ROLE_MONOPOLY = "role_monopoly"
 NO_POOLER = "no_pooler"
 MEMORY_OVERCOMMIT = "memory_overcommit"
 RESERVED_ACCESS = "reserved_access"
+LOCK_BLOCKER = "lock_blocker"  # a session holding locks that others wait for
+PARTIAL_INPUT = "partial_input"  # offline input that supports only part of a diagnosis
 
 # Fix kinds: what the reader does with the text.
 EMERGENCY_SQL = "emergency_sql"  # run now, as a superuser / through a reserved slot
@@ -150,6 +152,27 @@ class Breakdown:
 
 
 @dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer first, for someone paged at 3 a.m.: what holds the slots (who, since when),
+    the one statement that frees them, and the fixes that stop it recurring."""
+
+    summary: tuple[str, ...]  # the slot count, then what holds the slots
+    emergency: Fix | None = None  # the statement to run now (None: nothing safe to free)
+    durable: tuple[Fix, ...] = ()  # from the findings, most important first, no repeats
+    notes: tuple[str, ...] = ()  # what the reader must know: assumed facts, thresholds
+    assumed: tuple[str, ...] = ()  # the slot settings that were assumed, not observed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "summary": list(self.summary),
+            "emergency": self.emergency.to_json() if self.emergency else None,
+            "durable": [fix.to_json() for fix in self.durable],
+            "notes": list(self.notes),
+            "assumed": list(self.assumed),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Diagnosis:
     """The answer to 'what is eating the slots', with the pressure level it implies."""
 
@@ -161,6 +184,10 @@ class Diagnosis:
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     source: str = "live"
     taken_at: str | None = None
+    verdict: Verdict | None = None
+    # What the reader must know before trusting the numbers: the input was partial, or not
+    # UTF-8, or held tables that were not used. Shown right under the verdict.
+    notes: tuple[str, ...] = ()
 
     def finding(self, kind: str) -> Finding | None:
         return next((f for f in self.findings if f.kind == kind), None)
@@ -175,6 +202,8 @@ class Diagnosis:
             "totals": self.totals.to_json(),
             "breakdown": self.breakdown.to_json(),
             "findings": [f.to_json() for f in self.findings],
+            "verdict": self.verdict.to_json() if self.verdict else None,
+            "notes": list(self.notes),
         }
 
 

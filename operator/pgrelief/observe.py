@@ -25,6 +25,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
+from pgrelief.pgbouncer_auth import AuthFunctionCheck
+from pgrelief.policy import AuthQuerySpec
 from pgrelief.snapshot import (
     CLIENT_BACKEND,
     DEFAULT_MAX_CONNECTIONS,
@@ -75,6 +77,7 @@ SETTINGS: tuple[str, ...] = (
     "log_connections",
     "log_disconnections",
     "server_version_num",
+    "port",  # what the pgbouncer.ini [databases] entries point at
 )
 
 # One statement, one round trip, one instant. The volatile clock CTE is evaluated once and
@@ -93,10 +96,14 @@ select c.taken_at,
                    a.pid, a.backend_type, a.state, a.usename, a.datname, a.application_name,
                    host(a.client_addr), a.client_port,
                    a.backend_start, a.xact_start, a.query_start, a.state_change,
-                   a.wait_event_type, a.wait_event, a.query, a.leader_pid, r.rolsuper)), '[]')
+                   a.wait_event_type, a.wait_event, a.query, a.leader_pid, r.rolsuper,
+                   -- only of lock waiters: each call takes the lock manager's locks briefly
+                   case when a.wait_event_type = 'Lock' then pg_blocking_pids(a.pid) end)),
+                   '[]')
           from pg_stat_activity a
           left join pg_roles r on r.oid = a.usesysid),
-       (select coalesce(json_agg(json_build_array(s.name, s.reset_val, s.unit, s.context)), '[]')
+       (select coalesce(json_agg(json_build_array(
+                   s.name, s.reset_val, s.unit, s.context, s.source, s.sourcefile)), '[]')
           from pg_settings s
          where s.name = any(%s)),
        (select coalesce(json_agg(json_build_array(
@@ -227,8 +234,15 @@ def take_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
 def _build(row: Sequence[Any]) -> Snapshot:
     taken_at, version_num, own_pid, activity, settings_rows, role_rows, database_rows = row
     settings = {
-        name: Setting(name=name, setting=value, unit=unit, context=context)
-        for name, value, unit, context in settings_rows
+        name: Setting(
+            name=name,
+            setting=value,
+            unit=unit,
+            context=context,
+            source=source,
+            sourcefile=sourcefile,
+        )
+        for name, value, unit, context, source, sourcefile in settings_rows
     }
 
     def number(name: str, default: int) -> int:
@@ -288,6 +302,7 @@ def _session(values: Sequence[Any], taken_at: datetime) -> Session:
         query,
         leader_pid,
         superuser,
+        blocked_by,
     ) = values
     backend_start = _timestamp(backend_start)
     xact_start = _timestamp(xact_start)
@@ -315,6 +330,7 @@ def _session(values: Sequence[Any], taken_at: datetime) -> Session:
         query_age_s=_age(taken_at, query_start),
         state_age_s=_age(taken_at, state_change),
         is_superuser=superuser,
+        blocked_by=None if blocked_by is None else tuple(blocked_by),
     )
 
 
@@ -395,3 +411,48 @@ def _redact(error: object) -> str:
         return '"…"'
 
     return _QUOTED.sub(hide, text)
+
+
+# Whether PgBouncer's auth_query can work in the connected database: the lookup role, and the
+# SECURITY DEFINER function a DBA installs (pgbouncer_auth.install_statements).
+_AUTH_CHECK_QUERY = """
+select pg_catalog.current_database()::text,
+       r.oid is not null,
+       coalesce(r.rolcanlogin, false),
+       p.oid is not null,
+       coalesce(p.prosecdef, false),
+       coalesce((select o.rolsuper from pg_catalog.pg_roles o where o.oid = p.proowner), false),
+       case when r.oid is not null and p.oid is not null
+            then pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE')
+                 and pg_catalog.has_function_privilege(r.oid, p.oid, 'EXECUTE')
+            else false end
+  from (select 1) as one
+  left join pg_catalog.pg_roles r on r.rolname = %(role)s
+  left join pg_catalog.pg_namespace n on n.nspname = %(schema)s
+  left join pg_catalog.pg_proc p
+         on p.pronamespace = n.oid and p.proname = %(function)s and p.pronargs = 1
+        and p.proargtypes[0] = 'pg_catalog.text'::pg_catalog.regtype
+"""
+
+
+def pgbouncer_auth_check(conn: psycopg.Connection[Any], query: AuthQuerySpec) -> AuthFunctionCheck:
+    """What the connected database says about ``query``'s lookup role and function.
+
+    Connect to each database ``pgbouncer_auth.auth_databases`` names; a check that is
+    not ``ready`` becomes the condition with the SQL to fix it (``auth_condition``).
+    """
+    row = conn.execute(
+        _AUTH_CHECK_QUERY,
+        {"role": query.user, "schema": query.schema_name, "function": query.function},
+    ).fetchone()
+    if row is None:  # a select without FROM filters returns one row; keep mypy and us honest
+        raise PgreliefError("the auth_query check returned no row")
+    return AuthFunctionCheck(
+        database=str(row[0]),
+        role_exists=bool(row[1]),
+        role_can_login=bool(row[2]),
+        function_exists=bool(row[3]),
+        security_definer=bool(row[4]),
+        owner_is_superuser=bool(row[5]),
+        executable=bool(row[6]),
+    )

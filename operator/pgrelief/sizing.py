@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 KB = 1024
 MB = 1024**2
@@ -104,6 +104,63 @@ def fair_share(usable_slots: int, roles: int, role_limit: int | None = None) -> 
 def pool_per_instance(share: int, instances: int) -> int:
     """An application pool size per instance so that all instances together stay in ``share``."""
     return max(1, share // max(instances, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionShare:
+    """What one role (or database) may hold, and one of its applications: the one sizing of
+    diagnose's advice.
+
+    Every finding that names a CONNECTION LIMIT or an application's pool size reads it from
+    here, so a report never tells one role two different numbers.
+    """
+
+    room: int  # usable slots minus headroom
+    fair: int  # room split evenly between the consumers (roles or databases)
+    demand: int  # the role's active sessions × 1.2, rounded up
+    limit: int  # the role's connections: max(fair, demand) within room and its own limit
+    capped_by: int | None  # the role's existing CONNECTION LIMIT, when it is the lower one
+    application: int  # of which this application's instances together (by their sessions)
+    per_instance: int  # one instance's pool
+
+
+def connection_share(
+    usable_slots: int,
+    consumers: int,
+    *,
+    active: int = 0,
+    current_limit: int | None = None,
+    role_sessions: int = 0,
+    application_sessions: int = 0,
+    instances: int = 1,
+) -> ConnectionShare:
+    """A role's (or database's) connection budget and one application's pool within it.
+
+    The budget is an even share, between the ``consumers`` (roles, or databases), of the slots
+    left after headroom, or what its active sessions need (× 1.2) if more; never more than
+    that room nor than a CONNECTION LIMIT it already has. An application sharing the role gets
+    the part of the budget its sessions hold now, split between its instances (addresses).
+    """
+    room = max(usable_slots - headroom_slots(usable_slots), 1)
+    fair = max(1, room // max(consumers, 1))
+    demand = math.ceil(active * 1.2)
+    limit = min(max(fair, demand), room)
+    capped_by = None
+    if current_limit is not None and 0 <= current_limit < limit:
+        limit = max(current_limit, 1)
+        capped_by = current_limit
+    application = limit
+    if 0 < application_sessions < role_sessions:
+        application = max(1, limit * application_sessions // role_sessions)
+    return ConnectionShare(
+        room=room,
+        fair=fair,
+        demand=demand,
+        limit=limit,
+        capped_by=capped_by,
+        application=application,
+        per_instance=pool_per_instance(application, instances),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,16 +320,23 @@ class ServerSizing:
     demand: int | None  # app_instances × requested pool size
     needs_pgbouncer: bool
     reasoning: tuple[str, ...]
+    work_mem_lowered: bool = False  # a small server: work_mem must change too
 
     def settings_sql(self) -> str:
         """ALTER SYSTEM statements for the recommended settings (both need a restart)."""
+        work_mem = (
+            f"alter system set work_mem = '{pg_memory_setting(self.memory.work_mem)}';\n"
+            if self.work_mem_lowered
+            else ""
+        )
         return (
             f"alter system set max_connections = '{self.max_connections}';\n"
             "alter system set superuser_reserved_connections = "
             f"'{self.superuser_reserved_connections}';\n"
             "alter system set shared_buffers = "
             f"'{pg_memory_setting(self.memory.shared_buffers)}';\n"
-            "-- max_connections, superuser_reserved_connections and shared_buffers take effect "
+            + work_mem
+            + "-- max_connections, superuser_reserved_connections and shared_buffers take effect "
             "after a restart"
         )
 
@@ -281,7 +345,7 @@ def size_server(
     ram: int,
     *,
     shared_buffers: int | None = None,
-    work_mem: int = DEFAULT_WORK_MEM,
+    work_mem: int | None = None,
     per_backend: int = DEFAULT_PER_BACKEND,
     temp_buffers: int = DEFAULT_TEMP_BUFFERS,
     maintenance_work_mem: int = DEFAULT_MAINTENANCE_WORK_MEM,
@@ -295,8 +359,12 @@ def size_server(
 
     Follows the domain reference: max_connections × per-backend + shared_buffers + OS reserve
     must stay below RAM; the result is capped to 100-300 and PgBouncer carries the application's
-    connection count.
+    connection count. A small server gets advice rather than an error: what the user did not
+    give (shared_buffers, work_mem) is lowered, and superuser_reserved_connections kept at
+    PostgreSQL's 3, until a useful max_connections fits; each step is in the reasoning.
     """
+    given_work_mem = work_mem is not None
+    work_mem = DEFAULT_WORK_MEM if work_mem is None else work_mem
     if ram <= 0:
         raise SizeError("--ram must be a positive size, e.g. 16GB")
     for name, value in (
@@ -334,23 +402,31 @@ def size_server(
     )
     budget = ram - kept
     ceiling = model.connections_within(budget)
-    minimum = RECOMMENDED_SUPERUSER_RESERVED + 5
-    if ceiling < minimum:
+    superuser_reserved = RECOMMENDED_SUPERUSER_RESERVED
+    small: list[str] = []
+    if ceiling < superuser_reserved + MIN_USABLE_SLOTS:
+        model, superuser_reserved, small = _fit_small_server(
+            model, budget, shared_buffers is None, given_work_mem
+        )
+        ceiling = model.connections_within(budget)
+        buffers = model.shared_buffers
+    if ceiling < superuser_reserved + MIN_USABLE_SLOTS:
         raise SizeError(
             f"{format_size(ram)} of RAM leaves room for only {ceiling} connection(s) after "
             f"shared_buffers {format_size(buffers)}, autovacuum and an OS reserve of "
-            f"{format_size(kept)}; lower --shared-buffers or add memory"
+            f"{format_size(kept)}, even with work_mem {format_size(model.work_mem)}; lower "
+            "--shared-buffers or add memory"
         )
     recommended = recommended_max_connections(ceiling)
-    superuser_reserved = RECOMMENDED_SUPERUSER_RESERVED
     usable = recommended - superuser_reserved
     lines = [
+        *small,
         f"shared_buffers {format_size(buffers)}"
-        + (" (25% of RAM)" if shared_buffers is None else "")
+        + (" (25% of RAM)" if shared_buffers is None and not small else "")
         + f"; OS and page-cache reserve {format_size(kept)}"
         + (" (10% of RAM, at least 512MB)" if reserve is None else ""),
         f"per connection, worst case: per-backend {format_size(per_backend)} + 2 × work_mem "
-        f"{format_size(work_mem)} + temp_buffers {format_size(temp_buffers)} = "
+        f"{format_size(model.work_mem)} + temp_buffers {format_size(temp_buffers)} = "
         f"{format_size(model.per_connection)}; autovacuum: {autovacuum_max_workers} × "
         f"maintenance_work_mem {format_size(maintenance_work_mem)}",
         f"memory allows ({format_size(ram)} − {format_size(kept)} − {format_size(model.fixed)})"
@@ -371,6 +447,11 @@ def size_server(
         f"superuser_reserved_connections = {superuser_reserved} (default 3): emergency access "
         f"when the server is full; usable slots for applications = {usable}"
     )
+    if small:
+        lines.append(
+            "a server this small serves few connections: put PgBouncer (transaction mode) in "
+            "front of every application"
+        )
     pool_direct: int | None = None
     demand: int | None = None
     needs_pgbouncer = False
@@ -410,9 +491,53 @@ def size_server(
         pool_per_instance_direct=pool_direct,
         requested_pool_per_instance=pool_per_instance,
         demand=demand,
-        needs_pgbouncer=needs_pgbouncer,
+        needs_pgbouncer=needs_pgbouncer or bool(small),
         reasoning=tuple(lines),
+        work_mem_lowered=model.work_mem != work_mem,
     )
+
+
+MIN_USABLE_SLOTS = 5  # below this many usable slots a max_connections is no advice
+SMALL_SERVER_MIN_SHARED_BUFFERS = 32 * MB
+SMALL_SERVER_WORK_MEM = MB
+SMALL_SERVER_SUPERUSER_RESERVED = 3  # PostgreSQL's default
+
+
+def _fit_small_server(
+    model: MemoryModel, budget: int, may_lower_buffers: bool, given_work_mem: bool
+) -> tuple[MemoryModel, int, list[str]]:
+    """Lower what the user did not set until a useful max_connections fits in ``budget``.
+
+    Each step is tried in turn (shared_buffers to 1/8 of RAM, work_mem to 1MB, the
+    superuser reserve to PostgreSQL's 3) and kept only while still needed.
+    """
+    lines: list[str] = []
+    reserved = RECOMMENDED_SUPERUSER_RESERVED
+
+    def fits(candidate: MemoryModel, superusers: int) -> bool:
+        return candidate.connections_within(budget) >= superusers + MIN_USABLE_SLOTS
+
+    if may_lower_buffers:
+        lowered = max(model.shared_buffers // 2, SMALL_SERVER_MIN_SHARED_BUFFERS)
+        if lowered < model.shared_buffers:
+            lines.append(
+                f"small server: shared_buffers lowered from {format_size(model.shared_buffers)} "
+                f"to {format_size(lowered)} so connections fit"
+            )
+            model = replace(model, shared_buffers=lowered)
+    if not fits(model, reserved) and not given_work_mem and model.work_mem > SMALL_SERVER_WORK_MEM:
+        lines.append(
+            f"small server: work_mem lowered from {format_size(model.work_mem)} to "
+            f"{format_size(SMALL_SERVER_WORK_MEM)} (give the few queries that need more their "
+            "own: alter role <role> set work_mem)"
+        )
+        model = replace(model, work_mem=SMALL_SERVER_WORK_MEM)
+    if not fits(model, reserved):
+        reserved = SMALL_SERVER_SUPERUSER_RESERVED
+        lines.append(
+            f"small server: superuser_reserved_connections kept at PostgreSQL's {reserved}"
+        )
+    return model, reserved, lines
 
 
 def pool_per_instance_for(usable_slots: int, instances: int) -> int:

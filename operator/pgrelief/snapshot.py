@@ -9,7 +9,7 @@ server give the same diagnosis.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 CLIENT_BACKEND = "client backend"
@@ -67,6 +67,9 @@ class Session:
     query_age_s: float | None = None
     state_age_s: float | None = None
     is_superuser: bool | None = None  # None: unknown (a dump has no pg_roles)
+    # pg_blocking_pids() of a session waiting on a lock; None when not observed (a dump, or
+    # a session not waiting on a lock: it is asked only of those).
+    blocked_by: tuple[int, ...] | None = None
 
     @property
     def is_client(self) -> bool:
@@ -87,7 +90,12 @@ class Session:
     @property
     def is_listener(self) -> bool:
         """A session whose last statement was LISTEN: it holds a channel subscription."""
-        return self.query.lstrip().upper().startswith("LISTEN ")
+        return is_listen(self.query)
+
+
+def is_listen(query: str) -> bool:
+    """Whether a last statement is LISTEN (the session holds a notification channel)."""
+    return query.lstrip().upper().startswith("LISTEN ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,21 @@ class Setting:
     setting: str
     unit: str | None = None
     context: str | None = None
+    # Where the value came from (pg_settings.source, .sourcefile): provenance, not the value,
+    # so not compared (a dump does not carry it). sourcefile needs pg_read_all_settings.
+    source: str | None = field(default=None, compare=False)
+    sourcefile: str | None = field(default=None, compare=False)
+
+    @property
+    def set_by_alter_system(self) -> bool | None:
+        """Whether the value comes from ALTER SYSTEM (postgresql.auto.conf); None: unknown."""
+        if self.source is None:
+            return None
+        if self.source != "configuration file":
+            return False
+        if self.sourcefile is None:
+            return None
+        return self.sourcefile.endswith("postgresql.auto.conf")
 
     def as_int(self) -> int:
         return int(float(self.setting))
@@ -158,6 +181,21 @@ class ServerFacts:
             return found.as_int() if found else None
         except ValueError:
             return None
+
+
+def given_max_connections(facts: ServerFacts, max_connections: int) -> ServerFacts:
+    """``facts`` with the max_connections a user stated (offline input without settings):
+    no longer assumed, and the settings agree with it."""
+    settings = dict(facts.settings)
+    settings["max_connections"] = Setting(
+        "max_connections", str(max_connections), None, "postmaster"
+    )
+    return replace(
+        facts,
+        max_connections=max_connections,
+        settings=settings,
+        assumed=tuple(name for name in facts.assumed if name != "max_connections"),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Build kube-testenv (etcd + kube-apiserver in one binary) once per Kubernetes release.
+# Build kube-testenv (etcd + kube-apiserver + kube-controller-manager in one binary) once per
+# source state.
 #
 #   bash tests/kube-testenv/build.sh [CACHE_DIR]     # CACHE_DIR default: $HOME/.cache/pgrelief
 #
-# The binary goes to $CACHE_DIR/kube-testenv-<k8s version>/kube-testenv, outside the repo,
-# and is reused as long as the sources here (go.mod, go.sum, *.go) are unchanged. Build
-# output goes to stderr; the last line on stdout is the binary's path.
-# Cold build on 2 cores: ~6 min and ~0.5 GiB of Go modules; see README.md.
+# The binary goes to $CACHE_DIR/kube-testenv-<k8s version>/<source hash>/kube-testenv, outside
+# the repo, and is reused as long as the sources here (go.mod, go.sum, *.go, this script) are
+# unchanged. One directory per source hash: git worktrees on different sources share the
+# cache without rebuilding over each other. Build output goes to stderr; the last line on
+# stdout is the binary's path.
+# Cold build on 2 cores: ~8 min and ~0.5 GiB of Go modules; see README.md.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,13 +28,15 @@ if [[ -z "${k8s_version}" ]]; then
 fi
 src_hash="$(cat go.mod go.sum ./*.go build.sh | sha256sum | cut -c1-16)"
 
-out_dir="${CACHE_DIR}/kube-testenv-${k8s_version}"
+version_dir="${CACHE_DIR}/kube-testenv-${k8s_version}"
+out_dir="${version_dir}/${src_hash}"
 bin="${out_dir}/kube-testenv"
 stamp="${out_dir}/source-hash"
 mkdir -p "${out_dir}"
 
-# One build at a time per cache dir (parallel test workers may all ask for it).
-exec 9>"${out_dir}/.lock"
+# One build at a time per cache dir (parallel test workers may all ask for it, and two Go
+# builds of Kubernetes at once do not fit a 2-core machine).
+exec 9>"${version_dir}/.lock"
 flock 9
 
 if [[ -x "${bin}" && -f "${stamp}" && "$(cat "${stamp}")" == "${src_hash}" ]]; then

@@ -1,32 +1,26 @@
 // Command kube-testenv runs a real Kubernetes API server for pgrelief's test suite.
 //
-// It starts etcd in-process (go.etcd.io/etcd/server/v3/embed) and a kube-apiserver from
-// k8s.io/kubernetes, driven through its own command-line flags exactly as the released
-// binary would be. Everything listens on 127.0.0.1 on free ports. At start it generates a
-// CA and serving certificate, a service-account signing key and an admin token
-// (user "admin", group "system:masters"), writes a kubeconfig to --kubeconfig, and prints
-// READY on stdout once /readyz answers 200. On SIGTERM/SIGINT (or EOF on stdin with
-// --exit-on-stdin-eof) it stops the apiserver, then etcd, and removes its work directory.
+// It starts etcd in-process (go.etcd.io/etcd/server/v3/embed), a kube-apiserver from
+// k8s.io/kubernetes, and, once the apiserver is ready, kube-controller-manager in the same
+// process, each driven through its own command-line flags exactly as the released binaries
+// would be. Everything listens on 127.0.0.1 on free ports. At start it generates a CA and
+// serving certificate, a service-account signing key, an admin token (user "admin", group
+// "system:masters") and a controller-manager token, writes a kubeconfig to --kubeconfig, and
+// prints READY on stdout once /readyz answers 200 and the controllers run (the "default"
+// ServiceAccount exists). On SIGTERM/SIGINT (or EOF on stdin with --exit-on-stdin-eof) it
+// stops the controller manager, the apiserver, then etcd, and removes its work directory.
 //
 // Extra kube-apiserver flags can be given after "--"; they override the defaults.
 package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -38,8 +32,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	genericapiserver "k8s.io/apiserver/pkg/server"
 	"k8s.io/component-base/cli"
 	_ "k8s.io/component-base/logs/json/register"
 	"k8s.io/component-base/version"
@@ -54,7 +47,15 @@ type options struct {
 	exitOnStdinEOF bool
 	readyTimeout   time.Duration
 	verbosity      int
+	controllers    string
+	crds           pathList
 }
+
+// pathList is a repeatable flag.
+type pathList []string
+
+func (l *pathList) String() string     { return strings.Join(*l, ",") }
+func (l *pathList) Set(v string) error { *l = append(*l, v); return nil }
 
 func main() {
 	os.Exit(run())
@@ -69,7 +70,11 @@ func run() int {
 	fs.BoolVar(&o.keepWorkDir, "keep-work-dir", false, "do not remove the work directory at exit")
 	fs.BoolVar(&o.exitOnStdinEOF, "exit-on-stdin-eof", false, "shut down when stdin is closed (parent died)")
 	fs.DurationVar(&o.readyTimeout, "ready-timeout", 120*time.Second, "give up if /readyz is not 200 by then")
-	fs.IntVar(&o.verbosity, "v", 0, "kube-apiserver log verbosity")
+	fs.IntVar(&o.verbosity, "v", 0, "kube-apiserver and kube-controller-manager log verbosity")
+	fs.StringVar(&o.controllers, "controllers", strings.Join(defaultControllers, ","),
+		"kube-controller-manager's --controllers (\"\": no controller manager)")
+	fs.Var(&o.crds, "crds", "a CRD manifest file, or a directory of them, to install before the "+
+		"controller manager starts, so the garbage collector watches it at once (repeatable)")
 	showVersion := fs.Bool("version", false, "print the Kubernetes version and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
@@ -136,8 +141,11 @@ func serve(o options, extraArgs []string) (int, error) {
 		etcd.Close()
 	}()
 
-	if err := writeKubeconfig(o.kubeconfig, serverURL, pki); err != nil {
+	if err := writeKubeconfig(o.kubeconfig, serverURL, pki, "admin", pki.adminToken); err != nil {
 		return 1, fmt.Errorf("writing kubeconfig: %w", err)
+	}
+	if err := writeKubeconfig(pki.kcmKubeconfig, serverURL, pki, kcmUser, pki.kcmToken); err != nil {
+		return 1, fmt.Errorf("writing the controller manager's kubeconfig: %w", err)
 	}
 
 	args := []string{
@@ -157,25 +165,31 @@ func serve(o options, extraArgs []string) (int, error) {
 		"--service-account-signing-key-file=" + pki.saKey,
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--allow-privileged=true",
-		// No kube-controller-manager runs here, so nothing creates the "default"
-		// ServiceAccount of each namespace; ServiceAccount admission would reject every Pod.
-		"--disable-admission-plugins=ServiceAccount",
 		// The endpoints reconciler would write 127.0.0.1 into default/kubernetes Endpoints,
 		// which validation forbids (loopback); there is no Service network here anyway.
 		"--endpoint-reconciler-type=none",
 		"--profiling=false",
 		fmt.Sprintf("--v=%d", o.verbosity),
 	}
+	runControllers := o.controllers != ""
+	if !runControllers {
+		// Without the controller manager nothing creates the "default" ServiceAccount of a
+		// namespace, and ServiceAccount admission would reject every Pod.
+		args = append(args, "--disable-admission-plugins=ServiceAccount")
+	}
 	args = append(args, extraArgs...)
-
-	// kube-apiserver installs its own SIGTERM/SIGINT handler (first signal cancels its
-	// context, a second one exits the process). We only watch for the same signals to
-	// enforce a deadline on its shutdown and to clean up if it hangs.
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 
 	cmd := app.NewAPIServerCommand()
 	cmd.SetArgs(args)
+	// kube-apiserver installs its own SIGTERM/SIGINT handler when the command is created.
+	// Take the signals over so that shutdown goes in a real cluster's order: the controller
+	// manager first, while the apiserver still answers (its token refresh for the
+	// per-controller ServiceAccounts would otherwise wait ~10 s on a vanished apiserver),
+	// then the apiserver (genericapiserver.RequestShutdown is its own "signal received"),
+	// then etcd. A second signal exits at once.
+	signal.Reset(syscall.SIGTERM, syscall.SIGINT)
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	done := make(chan int, 1)
 	go func() { done <- cli.Run(cmd) }()
 
@@ -188,16 +202,65 @@ func serve(o options, extraArgs []string) (int, error) {
 
 	readyCtx, cancelReady := context.WithTimeout(context.Background(), o.readyTimeout)
 	defer cancelReady()
+	kcmCtx, stopControllers := context.WithCancel(context.Background())
+	defer stopControllers()
+	kcmStarted := make(chan (<-chan error), 1)
 	readyErr := make(chan error, 1)
-	go func() { readyErr <- waitReady(readyCtx, serverURL, pki) }()
+	go func() {
+		if err := waitReady(readyCtx, serverURL, pki); err != nil {
+			readyErr <- err
+			return
+		}
+		if err := installCRDs(readyCtx, serverURL, pki, o.crds); err != nil {
+			readyErr <- fmt.Errorf("installing --crds: %w", err)
+			return
+		}
+		if runControllers {
+			kcmArgs := controllerManagerArgs(pki.kcmKubeconfig, pki.caCert,
+				strings.Split(o.controllers, ","), o.verbosity)
+			kcmDone, err := startControllerManager(kcmCtx, kcmArgs)
+			if err != nil {
+				readyErr <- fmt.Errorf("kube-controller-manager: %w", err)
+				return
+			}
+			kcmStarted <- kcmDone
+			if err := waitDefaultServiceAccount(readyCtx, serverURL, pki, kcmDone); err != nil {
+				readyErr <- err
+				return
+			}
+		}
+		readyErr <- nil
+	}()
+
+	var kcmDone <-chan error
+	shutdown := func() (int, error) {
+		signal.Stop(sigs)
+		go func() {
+			<-sigs
+			os.Exit(1)
+		}()
+		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+		cancelReady()
+		stopControllers()
+		var kcmErr error
+		if kcmDone != nil {
+			kcmErr = awaitControllers(kcmDone, 15*time.Second)
+		}
+		genericapiserver.RequestShutdown()
+		code := awaitExit(done, 30*time.Second)
+		if kcmErr != nil && code == 0 {
+			return 1, kcmErr
+		}
+		return code, nil
+	}
 
 	for {
 		select {
+		case kcmDone = <-kcmStarted:
 		case err := <-readyErr:
 			if err != nil {
-				_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
-				code := awaitExit(done, 30*time.Second)
-				return max(code, 1), fmt.Errorf("apiserver not ready: %w", err)
+				code, _ := shutdown()
+				return max(code, 1), fmt.Errorf("not ready: %w", err)
 			}
 			fmt.Println("READY")
 			readyErr = nil
@@ -207,9 +270,7 @@ func serve(o options, extraArgs []string) (int, error) {
 			}
 			return 0, nil
 		case <-sigs:
-			signal.Stop(sigs)
-			cancelReady()
-			return awaitExit(done, 30*time.Second), nil
+			return shutdown()
 		}
 	}
 }
@@ -225,16 +286,63 @@ func awaitExit(done <-chan int, timeout time.Duration) int {
 	}
 }
 
-func waitReady(ctx context.Context, serverURL string, p *pkiFiles) error {
-	caPEM, err := os.ReadFile(p.caCert)
+// awaitControllers waits for kube-controller-manager to return after its context ended.
+func awaitControllers(done <-chan error, timeout time.Duration) error {
+	select {
+	case err := <-done:
+		if err != nil && !errors.Is(err, context.Canceled) {
+			return fmt.Errorf("kube-controller-manager: %w", err)
+		}
+		return nil
+	case <-time.After(timeout):
+		return errors.New("kube-controller-manager did not stop in time")
+	}
+}
+
+// waitDefaultServiceAccount returns once the serviceaccount controller has created
+// default/default: the controllers are running, and Pods pass ServiceAccount admission.
+func waitDefaultServiceAccount(ctx context.Context, serverURL string, p *pkiFiles, kcmDone <-chan error) error {
+	client, err := adminClient(p)
 	if err != nil {
 		return err
 	}
+	url := serverURL + "/api/v1/namespaces/default/serviceaccounts/default"
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		req.Header.Set("Authorization", "Bearer "+p.adminToken)
+		if resp, err := client.Do(req); err == nil {
+			_ = resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		select {
+		case err := <-kcmDone:
+			return fmt.Errorf("kube-controller-manager exited: %v", err)
+		case <-ctx.Done():
+			return fmt.Errorf("no default ServiceAccount from kube-controller-manager: %w", ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func adminClient(p *pkiFiles) (*http.Client, error) {
+	caPEM, err := os.ReadFile(p.caCert)
+	if err != nil {
+		return nil, err
+	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(caPEM)
-	client := &http.Client{
+	return &http.Client{
 		Timeout:   2 * time.Second,
 		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
+	}, nil
+}
+
+func waitReady(ctx context.Context, serverURL string, p *pkiFiles) error {
+	client, err := adminClient(p)
+	if err != nil {
+		return err
 	}
 	var last string
 	for {
@@ -307,124 +415,4 @@ func freePorts(n int) ([]int, error) {
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
-}
-
-type pkiFiles struct {
-	caCert, caKey           string
-	servingCert, servingKey string
-	saKey                   string
-	tokenFile               string
-	adminToken              string
-	caPEM                   []byte
-}
-
-func writePKI(dir string) (*pkiFiles, error) {
-	p := &pkiFiles{
-		caCert:      filepath.Join(dir, "ca.crt"),
-		caKey:       filepath.Join(dir, "ca.key"),
-		servingCert: filepath.Join(dir, "apiserver.crt"),
-		servingKey:  filepath.Join(dir, "apiserver.key"),
-		saKey:       filepath.Join(dir, "sa.key"),
-		tokenFile:   filepath.Join(dir, "tokens.csv"),
-	}
-	now := time.Now()
-
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "kube-testenv-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(10 * 365 * 24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		return nil, err
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		return nil, err
-	}
-	p.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-
-	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	srvTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames: []string{
-			"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-			"kubernetes.default.svc.cluster.local",
-		},
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1"), net.ParseIP("10.0.0.1")},
-	}
-	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
-	if err != nil {
-		return nil, err
-	}
-
-	// Service-account tokens are signed with RSA (RS256), like a kubeadm cluster.
-	saKey, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		return nil, err
-	}
-
-	tok := make([]byte, 24)
-	if _, err := rand.Read(tok); err != nil {
-		return nil, err
-	}
-	p.adminToken = hex.EncodeToString(tok)
-
-	files := map[string][]byte{
-		p.caCert:      p.caPEM,
-		p.caKey:       mustECKeyPEM(caKey),
-		p.servingCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
-		p.servingKey:  mustECKeyPEM(srvKey),
-		p.saKey:       pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(saKey)}),
-		p.tokenFile:   []byte(p.adminToken + `,admin,admin-uid,"system:masters"` + "\n"),
-	}
-	for path, data := range files {
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			return nil, err
-		}
-	}
-	return p, nil
-}
-
-func mustECKeyPEM(k *ecdsa.PrivateKey) []byte {
-	der, err := x509.MarshalECPrivateKey(k)
-	if err != nil {
-		panic(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
-}
-
-func writeKubeconfig(path, serverURL string, p *pkiFiles) error {
-	cfg := clientcmdapi.NewConfig()
-	cfg.Clusters["kube-testenv"] = &clientcmdapi.Cluster{
-		Server:                   serverURL,
-		CertificateAuthorityData: p.caPEM,
-	}
-	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{Token: p.adminToken}
-	cfg.Contexts["kube-testenv"] = &clientcmdapi.Context{
-		Cluster:   "kube-testenv",
-		AuthInfo:  "admin",
-		Namespace: "default",
-	}
-	cfg.CurrentContext = "kube-testenv"
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	return clientcmd.WriteToFile(*cfg, path)
 }

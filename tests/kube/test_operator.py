@@ -10,6 +10,7 @@ import base64
 import json
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +23,11 @@ from tests.fixtures.forwarder import Forwarder
 from tests.fixtures.kube import KubeApiServer
 from tests.fixtures.postgres import SessionFactory
 from tests.kube.operator_harness import (
-    CRD_FILES,
     OperatorProcess,
     apply,
     condition,
     events,
+    free_port,
     get_policy,
     policy_manifest,
     secret_manifest,
@@ -36,26 +37,6 @@ from tests.kube.operator_harness import (
 from tests.runs import alive
 
 pytestmark = pytest.mark.kube
-
-
-@pytest.fixture(scope="module")
-def crds(kube_apiserver: KubeApiServer) -> None:
-    for path in CRD_FILES:
-        kube_apiserver.kubectl("apply", "--server-side", "-f", str(path))
-    kube_apiserver.kubectl(
-        "wait", "--for=condition=Established", "crd/connectionpolicies.pgrelief.dev"
-    )
-
-
-@pytest.fixture
-def operator(
-    kube_apiserver: KubeApiServer, kube_namespace: str, crds: None, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kube_apiserver, kube_namespace, tmp_path, args=("--standalone",))
-    apply(kube_apiserver, secret_manifest("pg-login", kube_namespace, "postgres", "unused"))
-    process.start()
-    yield process
-    process.stop()
 
 
 def _leak(sessions: SessionFactory, count: int) -> list[int]:
@@ -283,7 +264,7 @@ def test_the_database_going_down_and_back_is_followed(
         assert condition(get_policy(kube_apiserver, ns, "flaky"), "Ready")["status"] == "True"
         assert len(events(kube_apiserver, ns, "DatabaseUnreachable")) == 1
     finally:
-        proxy.close()
+        proxy.release()
 
 
 def test_many_terminations_in_one_cycle_emit_bounded_events(
@@ -388,3 +369,35 @@ def test_secrets_never_reach_status_events_or_logs(
     everything += operator.logs() + operator.metrics()
     assert "Hunter2-Secret" not in everything
     assert base64.b64encode(b"Hunter2-Secret").decode() not in everything
+
+
+def test_liveness_endpoint_and_json_logs(
+    kube_apiserver: KubeApiServer, kube_namespace: str, crds: None, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = OperatorProcess(
+        kube_apiserver,
+        kube_namespace,
+        tmp_path,
+        args=(
+            "--standalone",
+            "--log-format",
+            "json",
+            "--liveness",
+            f"http://127.0.0.1:{port}/healthz",
+        ),
+    ).start()
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until("kopf's liveness endpoint", healthy)
+    finally:
+        process.stop()
+    lines = [line for line in process.logs().splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["message"] for line in lines)

@@ -17,6 +17,7 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from tests.fixtures.kube import REPO_ROOT, KubeApiServer
+from tests.kube.helpers import apply_crd, crd_manifest, eventually
 
 pytestmark = pytest.mark.kube
 
@@ -33,66 +34,10 @@ def expected_release() -> str:
     return match.group(1)
 
 
-def eventually(fn: Callable[[], T | None], timeout: float = 20, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def api_error(call: Callable[[], object]) -> ApiException:
     with pytest.raises(ApiException) as info:
         call()
     return info.value
-
-
-def crd_manifest(group: str, plural: str, kind: str, *, structural: bool = True) -> dict[str, Any]:
-    schema: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            "spec": {
-                "type": "object",
-                "properties": {"name": {"type": "string"}, "size": {"type": "integer"}},
-            },
-            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        },
-    }
-    if not structural:
-        # A property without a type is not a structural schema: apiextensions/v1 rejects it.
-        schema["properties"]["spec"]["properties"]["size"] = {"description": "untyped"}
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{group}"},
-        "spec": {
-            "group": group,
-            "scope": "Namespaced",
-            "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
-            "versions": [
-                {
-                    "name": "v1",
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "schema": {"openAPIV3Schema": schema},
-                }
-            ],
-        },
-    }
-
-
-def apply_crd(kube: KubeApiServer, manifest: dict[str, Any]) -> None:
-    kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    kube.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        f"crd/{manifest['metadata']['name']}",
-    )
 
 
 @pytest.fixture

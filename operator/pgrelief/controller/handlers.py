@@ -20,10 +20,12 @@ from pgrelief.controller.deletion import (
     revert_on_delete,
     unreachable_result,
 )
-from pgrelief.controller.kube import PLURAL
+from pgrelief.controller.events import EventRecorder
+from pgrelief.controller.kube import FIELD_MANAGER, PLURAL
 from pgrelief.controller.worker import OperatorContext, PolicyWorker
 from pgrelief.errors import PgreliefError
 from pgrelief.manifests import events as notes
+from pgrelief.manifests.common import MANAGED_BY, POLICY_ANNOTATION
 from pgrelief.policy import API_GROUP, API_VERSION
 
 DAEMON_CANCELLATION_S = 60.0  # a cycle is bounded by its 30 s deadline; then kopf cancels
@@ -58,7 +60,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         finally:
             if context.workers.get(worker.key) is worker:
                 del context.workers[worker.key]
-            if body.metadata.get("deletionTimestamp"):
+                # Deleted, or this replica paused by peering: either way another process (or
+                # none) speaks for the policy now, and alerts take the max over replicas.
                 context.metrics.forget(worker.key)
 
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
@@ -68,6 +71,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
         worker = context.workers.get((body.metadata.namespace or "", body.metadata.name or ""))
         if worker is not None:
             worker.notice(body.metadata.get("generation"))
+
+    for group, version, plural, kind in MANAGED:
+        _watch_managed(registry, group, version, plural, kind)
 
     @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, registry=registry)
     async def release(
@@ -93,7 +99,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
         context.metrics.forget(key)
         if result is None:
             return
-        recorder = PolicyWorker(context, raw).events
+        meta = body.metadata
+        policy_ref = {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid}
+        recorder = EventRecorder(context.kube, policy_ref, context.instance)
         if result.left:
             message = "deleted without reverting: " + "; ".join(result.left)
             note = notes.EventNote(notes.REVERT_INCOMPLETE, "Warning", message, "Revert")
@@ -102,3 +110,30 @@ def register(registry: kopf.OperatorRegistry) -> None:
             message = "reverted on delete: " + "; ".join(result.reverted or ["nothing changed"])
             note = notes.EventNote(notes.REVERTED, "Normal", message, "Revert")
         await loop.run_in_executor(context.executor, recorder.record, [note])
+
+
+# The objects pgrelief manages for a policy (its PgBouncer): watched so the worker knows what
+# the cluster has without polling (a hand edit, a deletion, replicas becoming available).
+MANAGED = (
+    ("", "v1", "configmaps", "ConfigMap"),
+    ("", "v1", "services", "Service"),
+    ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget"),
+    ("apps", "v1", "deployments", "Deployment"),
+)
+
+
+def _watch_managed(
+    registry: kopf.OperatorRegistry, group: str, version: str, plural: str, kind: str
+) -> None:
+    @kopf.on.event(
+        group, version, plural, labels={MANAGED_BY: FIELD_MANAGER}, registry=registry,
+        id=f"managed-{plural}",
+    )  # fmt: skip
+    async def managed_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        context: OperatorContext = memo.context
+        policy = (body.metadata.annotations or {}).get(POLICY_ANNOTATION)
+        worker = context.workers.get((body.metadata.namespace or "", policy or ""))
+        if worker is None:
+            return
+        worker.pgbouncer.observed(kind, None if type == "DELETED" else body)
+        worker.nudge()

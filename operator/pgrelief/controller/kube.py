@@ -7,6 +7,7 @@ a missing permission surfaces as a clear message (and a failing test), never sil
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, cast
@@ -83,6 +84,69 @@ class Kube:
             core.patch_namespaced_event(name, namespace, body)
         except ApiException as error:
             raise _error(f"updating Event {namespace}/{name}", error) from None
+
+    # ---- the objects pgrelief manages (PgBouncer) ----------------------------------------
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply ``manifest`` as field manager pgrelief; the object as stored."""
+        kind = manifest["kind"]
+        meta = manifest["metadata"]
+        api, suffix = _managed(self.api, kind)
+        try:
+            response = getattr(api, f"patch_namespaced_{suffix}")(
+                meta["name"],
+                meta["namespace"],
+                manifest,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _preload_content=False,
+            )
+        except ApiException as error:
+            raise _error(f"applying {kind} {meta['namespace']}/{meta['name']}", error) from None
+        return _json(response)
+
+    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as stored, or None when it does not exist."""
+        api, suffix = _managed(self.api, kind)
+        try:
+            response = getattr(api, f"read_namespaced_{suffix}")(
+                name, namespace, _preload_content=False
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise _error(f"reading {kind} {namespace}/{name}", error) from None
+        return _json(response)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete the object (and what it owns, in the background); gone already is fine."""
+        api, suffix = _managed(self.api, kind)
+        try:
+            getattr(api, f"delete_namespaced_{suffix}")(
+                name, namespace, propagation_policy="Background", _preload_content=False
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise _error(f"deleting {kind} {namespace}/{name}", error) from None
+
+
+FIELD_MANAGER = "pgrelief"
+_MANAGED_KINDS: dict[str, tuple[type[Any], str]] = {
+    "ConfigMap": (client.CoreV1Api, "config_map"),
+    "Service": (client.CoreV1Api, "service"),
+    "Deployment": (client.AppsV1Api, "deployment"),
+    "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
+}
+
+
+def _managed(api: client.ApiClient, kind: str) -> tuple[Any, str]:
+    api_class, suffix = _MANAGED_KINDS[kind]
+    return api_class(api), suffix
+
+
+def _json(response: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(response.data)
+    return body
 
 
 def _error(what: str, error: ApiException) -> KubeError:

@@ -17,26 +17,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from pgrelief.audit import AuditSink
 from pgrelief.connection import ManagedConnection
 from pgrelief.controller.credentials import CredentialsError, policy_conninfo
 from pgrelief.controller.events import EventRecorder
 from pgrelief.controller.kube import Kube, KubeError
+from pgrelief.controller.pgbouncer import PgBouncerReconciler
 from pgrelief.controller.status_store import StatusStore
 from pgrelief.cycle import Cycle, CycleReport
 from pgrelief.errors import ConnectFailed, PgreliefError, ServerRefused
 from pgrelief.manifests import events as notes
-from pgrelief.manifests.status import after_cycle, not_ready
+from pgrelief.manifests.common import Owner
+from pgrelief.manifests.status import after_cycle, not_ready, with_condition
 from pgrelief.metrics import OperatorMetrics
-from pgrelief.policy import ConnectionPolicy, ConnectionPolicyStatus, PolicyError, validate_policy
+from pgrelief.observe import connect
+from pgrelief.pgbouncer_auth import READY_CONDITION as PGBOUNCER_READY
+from pgrelief.policy import (
+    Condition,
+    ConnectionPolicy,
+    ConnectionPolicyStatus,
+    PolicyError,
+    validate_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +85,14 @@ class PolicyWorker:
             context.instance,
         )
         self.store = StatusStore(context.kube, self.namespace, self.name, status_of(raw))
+        self.pgbouncer = PgBouncerReconciler(
+            context.kube, Owner(self.name, self.namespace, meta.get("uid") or "")
+        )
+        self._pgbouncer_problem: str | None = None
         self.finished = asyncio.Event()
-        self._respec = asyncio.Event()
+        # Set by ``notice`` (a new spec) and ``nudge`` (a managed object changed); it stays set
+        # through a running step, so a wake-up during the step makes the next sleep zero.
+        self._wake = asyncio.Event()
         self.generation: int | None = None
         self.cycles = 0
         self._connection: ManagedConnection | None = None
@@ -110,30 +127,41 @@ class PolicyWorker:
     def notice(self, generation: int | None) -> None:
         """A watch event of the policy arrived (kopf's ``on.event``): a new spec wakes us."""
         if generation != self.generation:
-            self._respec.set()
+            self._wake.set()
+
+    def nudge(self) -> None:
+        """Something pgrelief manages for this policy changed (its PgBouncer): look again now."""
+        self._wake.set()
 
     async def _sleep(self, delay: float, stopped: Any, body: Mapping[str, Any]) -> float:
-        """Sleep ``delay``, or less: until stopped, or a new generation of the spec arrives.
+        """Sleep ``delay``, or less: until stopped, a new generation of the spec, or a nudge.
 
-        kopf keeps ``body`` up to date from the watch stream and ``notice`` wakes us when the
-        generation moves: one wait per cycle, no polling (1,000 sleeping policies polling
+        kopf keeps ``body`` up to date from the watch stream; ``notice`` wakes us when the
+        generation moves and ``nudge`` when a managed PgBouncer object changes: one wait per
+        cycle, no polling (1,000 sleeping policies polling
         once a second cost a quarter of a core). Returns when the next cycle was due (the
         deadline, or the moment a new generation was noticed).
         """
         deadline = time.monotonic() + delay
-        self._respec.clear()
-        if stopped or body.get("metadata", {}).get("generation") != self.generation:
+        if stopped or self._due_now(body):
             return min(deadline, time.monotonic())
         waits = {
             asyncio.ensure_future(stopped.wait(delay)),
-            asyncio.ensure_future(self._respec.wait()),
+            asyncio.ensure_future(self._wake.wait()),
         }
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
+        self._wake.clear()
         return min(deadline, time.monotonic())
+
+    def _due_now(self, body: Mapping[str, Any]) -> bool:
+        """A wake-up that came while the step ran (in the pool) is not lost: it is taken here."""
+        woken = self._wake.is_set()
+        self._wake.clear()
+        return woken or body.get("metadata", {}).get("generation") != self.generation
 
     # ---- one step (in a worker thread) --------------------------------------------------
     def step(self, raw: Mapping[str, Any], due: float | None = None) -> float:
@@ -230,9 +258,53 @@ class PolicyWorker:
             planned=len(report.plan.actions),
             now=now,
         )
-        self._write(wanted, now)
+        conditions, pgbouncer_notes = self._reconcile_pgbouncer(policy, report, generation, now)
+        announcements += pgbouncer_notes
+        self._write(wanted.model_copy(update={"conditions": conditions(wanted)}), now)
         self.events.record(announcements, now=now)
         self.context.metrics.cycle_done(self.key, diagnosis, report.records, took, now)
+
+    def _reconcile_pgbouncer(
+        self, policy: ConnectionPolicy, report: CycleReport, generation: int | None, now: datetime
+    ) -> tuple[Callable[[ConnectionPolicyStatus], list[Condition]], list[notes.EventNote]]:
+        """Reconcile the pooler; the conditions it leaves and the Events it deserves."""
+        assert report.snapshot is not None
+        announce: list[notes.EventNote] = []
+        try:
+            outcome = self.pgbouncer.reconcile(
+                policy, report.snapshot, lambda database: self._connect_to(policy, database)
+            )
+            condition, found = outcome.condition, outcome.notes
+        except (KubeError, PgreliefError, psycopg.Error) as error:
+            message = f"could not reconcile PgBouncer: {error}"
+            condition = Condition(
+                type=PGBOUNCER_READY, status="False", reason="ReconcileFailed", message=message
+            )
+            found = [notes.EventNote("PgBouncerReconcileFailed", "Warning", message, "Reconcile")]
+        for note in found:
+            # A reconciled pooler is news each time; a problem only when it is a new one.
+            if note.type == "Normal" or note.message != self._pgbouncer_problem:
+                announce.append(note)
+        self._pgbouncer_problem = next((n.message for n in found if n.type == "Warning"), None)
+
+        def conditions(status: ConnectionPolicyStatus) -> list[Condition]:
+            if condition is None:
+                return [c for c in status.conditions if c.type != PGBOUNCER_READY]
+            return with_condition(
+                status.conditions,
+                PGBOUNCER_READY,
+                condition.status,
+                condition.reason or "",
+                condition.message or "",
+                generation,
+                now,
+            )
+
+        return conditions, announce
+
+    def _connect_to(self, policy: ConnectionPolicy, database: str) -> psycopg.Connection[Any]:
+        """A short-lived connection to ``database`` as the policy's role (auth_query checks)."""
+        return connect(make_conninfo(policy_conninfo(self.context.kube, policy), dbname=database))
 
     def _recovered(self) -> list[notes.EventNote]:
         problem, self._problem = self._problem, None

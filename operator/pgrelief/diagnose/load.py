@@ -13,17 +13,20 @@ from collections.abc import Iterable
 from operator import attrgetter
 
 from pgrelief import advice
-from pgrelief.diagnose._counting import APP, STATE_OF, USER, Context, ordered
+from pgrelief.diagnose._counting import APP, DB, STATE_OF, USER, Context, ordered
 from pgrelief.diagnose._shared import (
     PID_OF,
+    database_share,
     is_superuser,
     main_applications,
     name_of,
     oldest_first,
     orm_fixes,
     roles_of,
+    share_for,
     state_split,
 )
+from pgrelief.diagnose.locks import blocking
 from pgrelief.diagnose.pooling import pgbouncer_fix
 from pgrelief.diagnosis import (
     ADVICE,
@@ -35,8 +38,7 @@ from pgrelief.diagnosis import (
     Fix,
     Severity,
 )
-from pgrelief.sizing import fair_share, headroom_slots
-from pgrelief.snapshot import ACTIVE, FASTPATH, NO_STATE, Session
+from pgrelief.snapshot import NO_STATE, Session
 
 # Tuning of the heuristics (documented in the findings' evidence when they fire).
 TRAFFIC_SPIKE_SHARE = 0.4  # active sessions as a share of usable slots
@@ -84,21 +86,28 @@ def traffic_spike(context: Context) -> list[Finding]:
         + ", ".join(f"{name_of(k)} {n}" for k, n in by_app.most_common(3))
     )
     fixes: list[Fix] = []
-    if lock_waiters:
+    victims = blocking(context).victims
+    if victims:
+        evidence.append(
+            f"{len(victims)} of the lock waiters wait for a session named in the lock_blocker "
+            "finding: end that one, not them"
+        )
+    elif lock_waiters:
         fixes.append(Fix(EMERGENCY_SQL, advice.LOCK_WAITERS_QUERY, "find the blocking sessions"))
     fixes.append(pgbouncer_fix(context, "queue the spike in PgBouncer instead of in PostgreSQL"))
     top_role = by_role.most_common(1)[0][0]
+    info = context.snapshot.roles.get(top_role) if top_role else None
     if top_role and not is_superuser(context, top_role):
-        limit = fair_share(context.usable, context.distinct_roles())
-        fixes.append(
-            Fix(
-                DURABLE_SQL,
-                f"-- cap the busiest role at its fair share: ({context.usable} usable − "
-                f"{headroom_slots(context.usable)} headroom) / {context.distinct_roles()} role(s)\n"
-                + advice.alter_role_connection_limit(top_role, limit),
-                "per-role connection limit",
+        role_share, words = share_for(context, top_role)
+        if info is None or not 0 <= info.connection_limit <= role_share.limit:
+            fixes.append(
+                Fix(
+                    DURABLE_SQL,
+                    f"-- cap the busiest role: {words}\n"
+                    + advice.alter_role_connection_limit(top_role, role_share.limit),
+                    "per-role connection limit",
+                )
             )
-        )
     fixes.append(
         Fix(
             ADVICE,
@@ -145,31 +154,33 @@ def monopoly(context: Context) -> list[Finding]:
             ):
                 continue
             findings.append(_application_monopoly(context, application, count, total, minimum))
+    db_counts = context.counts_excluding_own(DB)
+    if len(db_counts) >= 2:
+        for database, count in sorted(db_counts.items(), key=lambda i: (-i[1], str(i[0]))):
+            if not database or count < total * MONOPOLY_SHARE or count < minimum:
+                continue
+            findings.append(_database_monopoly(context, database, count, total, minimum))
     return findings
 
 
 def _role_monopoly(context: Context, role: str, count: int, total: int, minimum: int) -> Finding:
     sessions = oldest_first(context.sessions_where(USER, role), "backend_age_s")
     states = _state_counts(sessions)
-    active = states.get(ACTIVE, 0) + states.get(FASTPATH, 0)
-    room = context.usable - headroom_slots(context.usable)
-    half = max(1, room // 2)
-    limit = min(max(half, math.ceil(active * 1.2)), max(room, 1))
+    share, words = share_for(context, role)
+    limit = share.limit
     info = context.snapshot.roles.get(role)
     summary = (
         f"role {name_of(role)} holds {count} of {total} client backends "
         f"({count * 100 // max(total, 1)}%)"
     )
     evidence = [
-        f"{count} ≥ {int(MONOPOLY_SHARE * 100)}% of {total} client backends and ≥ {minimum} "
-        f"= max({MONOPOLY_MIN}, {int(MONOPOLY_MIN_SLOTS_SHARE * 100)}% of {context.usable} "
-        "usable slots)",
+        _threshold_line(context, count, total, minimum),
         f"its sessions by state: {state_split(states)}",
         f"from {context.addresses_of(USER, role)} client address(es); main application "
         f"{name_of(context.main_value(APP, USER, role))}",
     ]
     fixes: list[Fix] = []
-    if info is not None and info.is_superuser:
+    if (info is not None and info.is_superuser) or is_superuser(context, role):
         evidence.append("it is a superuser: PostgreSQL does not apply CONNECTION LIMIT to it")
         fixes.append(
             Fix(
@@ -185,19 +196,17 @@ def _role_monopoly(context: Context, role: str, count: int, total: int, minimum:
         fixes.append(
             Fix(
                 DURABLE_SQL,
-                f"-- n = max(half of ({context.usable} usable − {headroom_slots(context.usable)} "
-                f"headroom) = {half}, its {active} active sessions × 1.2): the other roles "
-                "keep the rest;\n-- existing sessions stay, new ones beyond n get 'too many "
-                "connections for role'\n" + advice.alter_role_connection_limit(role, limit),
+                f"-- {words}: the other roles keep the rest;\n-- existing sessions stay, new "
+                "ones beyond it get 'too many connections for role'\n"
+                + advice.alter_role_connection_limit(role, limit),
                 f"limit role {role} to {limit} connections",
             )
         )
     fixes.extend(
         orm_fixes(
             context,
-            main_applications(sessions),
+            main_applications(sessions, None),
             f"stay within the role's {limit} connections",
-            share=limit,
         )
     )
     return Finding(
@@ -214,17 +223,14 @@ def _application_monopoly(
     context: Context, application: str, count: int, total: int, minimum: int
 ) -> Finding:
     sessions = oldest_first(context.sessions_where(APP, application), "backend_age_s")
-    room = context.usable - headroom_slots(context.usable)
-    share = max(1, room // 2)
     roles = roles_of(sessions, 3)
+    share, _words = share_for(context, context.main_value(USER, APP, application), application)
     summary = (
         f"application {name_of(application)} holds {count} of {total} client backends "
         f"({count * 100 // max(total, 1)}%)"
     )
     evidence = [
-        f"{count} ≥ {int(MONOPOLY_SHARE * 100)}% of {total} client backends and ≥ {minimum} "
-        f"= max({MONOPOLY_MIN}, {int(MONOPOLY_MIN_SLOTS_SHARE * 100)}% of {context.usable} "
-        "usable slots)",
+        _threshold_line(context, count, total, minimum),
         f"its sessions by state: {state_split(_state_counts(sessions))}",
         f"from {context.addresses_of(APP, application)} client address(es) as user(s) "
         + ", ".join(name_of(r) for r in roles),
@@ -233,12 +239,11 @@ def _application_monopoly(
         Fix(
             ADVICE,
             "PostgreSQL cannot limit an application_name: size its pools (below) so all its "
-            f"instances stay within {share} connections (half of the {room} slots left after "
-            "headroom), and give it its own role if it shares one, so CONNECTION LIMIT can "
-            "hold it.",
+            f"instances stay within {share.application} connections, and give it its own role "
+            "if it shares one, so CONNECTION LIMIT can hold it.",
             "cap the application",
         ),
-        *orm_fixes(context, [application], f"stay within {share} connections", share=share),
+        *orm_fixes(context, [application], f"stay within {share.application} connections"),
     ]
     return Finding(
         ROLE_MONOPOLY,
@@ -247,6 +252,54 @@ def _application_monopoly(
         tuple(evidence),
         tuple(map(PID_OF, sessions)),
         tuple(fixes),
+    )
+
+
+def _database_monopoly(
+    context: Context, database: str, count: int, total: int, minimum: int
+) -> Finding:
+    """One database holding most slots: ALTER DATABASE ... CONNECTION LIMIT keeps the rest for
+    the others (before it is hit, not only once a limit already is)."""
+    sessions = oldest_first(context.sessions_where(DB, database), "backend_age_s")
+    share, words = database_share(context, database)
+    info = context.snapshot.databases.get(database)
+    summary = (
+        f"database {name_of(database)} holds {count} of {total} client backends "
+        f"({count * 100 // max(total, 1)}%)"
+    )
+    evidence = [
+        _threshold_line(context, count, total, minimum),
+        f"its sessions by state: {state_split(_state_counts(sessions))}",
+        "its main users: " + ", ".join(name_of(r) for r in roles_of(sessions, 3)),
+    ]
+    fixes: list[Fix] = []
+    if info is not None and 0 <= info.connection_limit <= share.limit:
+        evidence.append(f"it already has CONNECTION LIMIT {info.connection_limit}")
+    else:
+        fixes.append(
+            Fix(
+                DURABLE_SQL,
+                f"-- {words}: the other databases keep the rest;\n-- existing sessions stay, "
+                "new ones beyond it get 'too many connections for database'\n"
+                + advice.alter_database_connection_limit(database, share.limit),
+                f"limit database {database} to {share.limit} connections",
+            )
+        )
+    return Finding(
+        ROLE_MONOPOLY,
+        Severity.WARNING,
+        summary,
+        tuple(evidence),
+        tuple(map(PID_OF, sessions)),
+        tuple(fixes),
+    )
+
+
+def _threshold_line(context: Context, count: int, total: int, minimum: int) -> str:
+    return (
+        f"{count} ≥ {int(MONOPOLY_SHARE * 100)}% of {total} client backends and ≥ {minimum} "
+        f"= max({MONOPOLY_MIN}, {int(MONOPOLY_MIN_SLOTS_SHARE * 100)}% of {context.usable} "
+        "usable slots)"
     )
 
 

@@ -2,6 +2,7 @@
 
 The order of the builders and of the findings lives here, and so does the garbage-collector
 pause that keeps 100k-session diagnoses fast; each builder only reads the shared Context.
+The verdict comes last: it picks the answer from the findings.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import gc
 
 from pgrelief.diagnose._counting import count
 from pgrelief.diagnose.load import monopoly, traffic_spike
+from pgrelief.diagnose.locks import lock_blockers
 from pgrelief.diagnose.memory import memory_overcommit
 from pgrelief.diagnose.options import DEFAULT_OPTIONS, DiagnoseOptions
 from pgrelief.diagnose.pooling import no_pooler
 from pgrelief.diagnose.reserved import reserved_access
 from pgrelief.diagnose.saturation import connection_limits, saturation
 from pgrelief.diagnose.sessions import idle_in_transaction, leaked_idle, long_running
+from pgrelief.diagnose.verdict import verdict
 from pgrelief.diagnosis import (
     IDLE_IN_TRANSACTION,
     LEAKED_IDLE,
+    LOCK_BLOCKER,
     LONG_RUNNING,
     MEMORY_OVERCOMMIT,
     NO_POOLER,
@@ -35,6 +39,7 @@ from pgrelief.snapshot import Snapshot
 
 _KIND_ORDER = (
     SATURATION,
+    LOCK_BLOCKER,
     IDLE_IN_TRANSACTION,
     LEAKED_IDLE,
     LONG_RUNNING,
@@ -69,6 +74,7 @@ def _diagnose(snapshot: Snapshot, options: DiagnoseOptions) -> Diagnosis:
     findings: list[Finding] = []
     findings.extend(saturation(context))
     findings.extend(connection_limits(context))
+    findings.extend(lock_blockers(context))
     findings.extend(idle_in_transaction(context))
     findings.extend(leaked_idle(context))
     findings.extend(long_running(context))
@@ -100,4 +106,5 @@ def _diagnose(snapshot: Snapshot, options: DiagnoseOptions) -> Diagnosis:
         findings=tuple(findings),
         source=snapshot.source,
         taken_at=snapshot.taken_at.isoformat(),
+        verdict=verdict(context, findings, status),
     )

@@ -21,6 +21,7 @@ NO_POOLER_MIN = 20
 NO_POOLER_FLOOR = 10
 NO_POOLER_SLOTS_SHARE = 0.3
 NO_POOLER_ACTIVE_RATIO = 0.2
+DEFAULT_PORT = 5432  # when the input did not say which port the server listens on
 _POOLER_NAMES = ("pgbouncer", "pgpool", "odyssey", "pgcat", "supavisor", "pgdog")
 
 
@@ -166,6 +167,7 @@ def pgbouncer_fix(context: Context, title: str) -> Fix:
         max_client_conn=sizes.max_client_conn,
         max_db_connections=sizes.max_db_connections,
         databases=databases,
+        port=context.snapshot.server.setting_int("port") or DEFAULT_PORT,
         session_pools={db: n + max(1, n // 5) for db, n in sorted(session_pools.items())},
         notes=notes,
     )

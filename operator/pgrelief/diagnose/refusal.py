@@ -20,6 +20,7 @@ from pgrelief.diagnosis import (
     Fix,
     Severity,
     Totals,
+    Verdict,
 )
 
 _REFUSAL_CLIENTS = "sorry, too many clients already"
@@ -82,6 +83,17 @@ def diagnose_refusal(message: str) -> Diagnosis:
         evidence.append("every connection slot is taken, reserved ones included for this role")
     else:
         summary = "the server refused the connection for lack of slots"
+    free = Fix(
+        EMERGENCY_SQL,
+        "-- idle in transaction for over 5 minutes: abandoned transactions\n"
+        + advice.pattern_signal_sql(
+            ("idle in transaction", "idle in transaction (aborted)"), "state_change", 300
+        )
+        + "\n-- idle for over 30 minutes: likely leaked connections\n"
+        + advice.pattern_signal_sql(("idle",), "state_change", 1800),
+        "free slots (each statement re-checks state and age when it runs)",
+    )
+    reserved = reserved_slots_fix(None, None)
     fixes = (
         Fix(
             ADVICE,
@@ -94,18 +106,9 @@ def diagnose_refusal(message: str) -> Diagnosis:
             "get in through a reserved slot",
         ),
         Fix(EMERGENCY_SQL, advice.DIAGNOSTIC_QUERIES, "the three diagnostic queries"),
-        Fix(
-            EMERGENCY_SQL,
-            "-- idle in transaction for over 5 minutes: abandoned transactions\n"
-            + advice.pattern_signal_sql(
-                ("idle in transaction", "idle in transaction (aborted)"), "state_change", 300
-            )
-            + "\n-- idle for over 30 minutes: likely leaked connections\n"
-            + advice.pattern_signal_sql(("idle",), "state_change", 1800),
-            "free slots (each statement re-checks state and age when it runs)",
-        ),
+        free,
         *targeted,
-        reserved_slots_fix(None, None),
+        reserved,
     )
     finding = Finding(SATURATION, Severity.CRITICAL, summary, tuple(evidence), (), fixes)
     return Diagnosis(
@@ -117,4 +120,14 @@ def diagnose_refusal(message: str) -> Diagnosis:
         findings=(finding,),
         source="live",
         taken_at=None,
+        verdict=Verdict(
+            summary=(
+                summary,
+                "get in through a reserved slot (as a superuser, or on PostgreSQL 16+ a role "
+                "granted pg_use_reserved_connections) and run pgrelief diagnose again: from "
+                "inside it names the exact sessions",
+            ),
+            emergency=targeted[0] if targeted else free,
+            durable=(reserved,),
+        ),
     )

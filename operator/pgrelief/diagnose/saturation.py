@@ -10,6 +10,7 @@ from __future__ import annotations
 from pgrelief import advice
 from pgrelief.diagnose._counting import Context
 from pgrelief.diagnose._shared import name_of, state_split, version_at_least
+from pgrelief.diagnose.hints import threshold_hints
 from pgrelief.diagnosis import (
     ADVICE,
     DURABLE_SQL,
@@ -19,7 +20,6 @@ from pgrelief.diagnosis import (
     Fix,
     Severity,
 )
-from pgrelief.sizing import RECOMMENDED_SUPERUSER_RESERVED
 
 
 def _slot_arithmetic(context: Context) -> str:
@@ -103,32 +103,26 @@ def saturation(context: Context) -> list[Finding]:
         ),
         Fix(EMERGENCY_SQL, advice.DIAGNOSTIC_QUERIES, "the three diagnostic queries"),
     ]
-    if context.snapshot.server.superuser_reserved_connections < RECOMMENDED_SUPERUSER_RESERVED:
-        fixes.append(
-            Fix(
-                DURABLE_SQL,
-                advice.alter_system_set(
-                    [("superuser_reserved_connections", str(RECOMMENDED_SUPERUSER_RESERVED))],
-                    reload=False,
-                )
-                + "\n-- takes effect after a restart",
-                "keep more emergency slots",
-            )
-        )
+    # (More superuser-reserved slots for next time: the reserved_access finding says it.)
+    hints = threshold_hints(context)
+    if hints:
+        fixes.insert(1, Fix(ADVICE, "\n".join(hints), "what would free slots"))
     severity = Severity.CRITICAL if context.pressure == Severity.CRITICAL else Severity.WARNING
     return [Finding(SATURATION, severity, summary, tuple(evidence), (), tuple(fixes))]
 
 
-def connection_limits(context: Context) -> list[Finding]:
-    """Roles and databases at (or near) their own CONNECTION LIMIT ('too many connections for')."""
-    warning = context.options.warning_percent
-    free = max(context.usable - context.client_count, 0)
+def limits_hit(context: Context) -> tuple[set[str], set[str]]:
+    """Roles and databases whose client backends reached their own CONNECTION LIMIT."""
+    return (
+        {e[1] for e in _limit_entries(context) if e[0] == "role" and 0 < e[3] >= e[2]},
+        {e[1] for e in _limit_entries(context) if e[0] == "database" and 0 < e[3] >= e[2]},
+    )
+
+
+def _limit_entries(context: Context) -> list[tuple[str, str, int, int]]:
+    """(kind, name, limit, client backends) of every enforced role and database limit."""
     user_counts = {g.key: g.count for g in context.breakdown.by_user}
     db_counts = {g.key: g.count for g in context.breakdown.by_database}
-    evidence: list[str] = []
-    fixes: list[Fix] = []
-    severity = Severity.HEALTHY
-    at_limit: list[str] = []
     entries: list[tuple[str, str, int, int]] = []
     for role in context.snapshot.roles.values():
         if role.is_superuser or role.connection_limit < 0:
@@ -140,7 +134,18 @@ def connection_limits(context: Context) -> list[Finding]:
         entries.append(
             ("database", database.name, database.connection_limit, db_counts.get(database.name, 0))
         )
-    for kind, name, limit, count in sorted(entries, key=lambda e: (e[0] != "role", e[1])):
+    return sorted(entries, key=lambda e: (e[0] != "role", e[1]))
+
+
+def connection_limits(context: Context) -> list[Finding]:
+    """Roles and databases at (or near) their own CONNECTION LIMIT ('too many connections for')."""
+    warning = context.options.warning_percent
+    free = max(context.usable - context.client_count, 0)
+    evidence: list[str] = []
+    fixes: list[Fix] = []
+    severity = Severity.HEALTHY
+    at_limit: list[str] = []
+    for kind, name, limit, count in _limit_entries(context):
         if count == 0:
             continue  # a deliberate limit (often 0) with nobody affected
         if count >= limit:

@@ -7,24 +7,28 @@ statements and the per-role timeouts that stop it happening again.
 
 from __future__ import annotations
 
-from operator import attrgetter
-
 from pgrelief import advice
 from pgrelief.diagnose._counting import Context
 from pgrelief.diagnose._shared import (
     EVIDENCE_ROWS,
     PID_OF,
     addr_of,
-    bucketed,
+    buckets_of,
+    listening_roles,
     main_applications,
     more,
     name_of,
     oldest_first,
+    oldest_of,
     orm_fixes,
+    role_timeouts,
     roles_of,
+    spared_lines,
     terminate_fix,
     version_at_least,
 )
+from pgrelief.diagnose.locks import blocking
+from pgrelief.diagnose.options import DEFAULT_OPTIONS
 from pgrelief.diagnosis import (
     ADVICE,
     DURABLE_SQL,
@@ -37,10 +41,21 @@ from pgrelief.diagnosis import (
     Severity,
 )
 from pgrelief.durations import human_age
+from pgrelief.snapshot import ACTIVE, FASTPATH, IDLE
+from pgrelief.snapshot import IDLE_IN_TRANSACTION as STATE_IN_TRANSACTION
 from pgrelief.snapshot import IDLE_IN_TRANSACTION_ABORTED as STATE_ABORTED
 
-_USER_APP = attrgetter("usename", "application_name")
-_APP_ADDR = attrgetter("application_name", "client_addr")
+# The server-wide idle_in_transaction_session_timeout backstop (the domain reference's 300s).
+SERVER_IDLE_IN_TRANSACTION_TIMEOUT_S = 300.0
+
+
+def timeout_for(threshold_s: float, floor_s: float) -> float:
+    """A timeout to configure: never below the default detection threshold (``floor_s``).
+
+    The thresholds a report is run with are what to look at now; a timeout is what the
+    role's sessions live with for good, so a short look never becomes a short timeout.
+    """
+    return max(threshold_s, floor_s)
 
 
 def idle_in_transaction(context: Context) -> list[Finding]:
@@ -48,7 +63,7 @@ def idle_in_transaction(context: Context) -> list[Finding]:
         return []
     options = context.options
     threshold = options.idle_in_transaction_after_s
-    sessions = oldest_first(context.idle_in_tx, "state_age_s")
+    sessions = oldest_of(context, "idle_in_tx")
     aborted = [s for s in sessions if s.state == STATE_ABORTED]
     open_tx = [s for s in sessions if s.state != STATE_ABORTED]
     summary = (
@@ -64,7 +79,7 @@ def idle_in_transaction(context: Context) -> list[Finding]:
                 f"{label}: {len(part)}, oldest idle {human_age(oldest.state_age_s)}"
                 + (f", oldest transaction open {human_age(max(xact_ages))}" if xact_ages else "")
             )
-    buckets = bucketed(sessions, _USER_APP)
+    buckets = buckets_of(context, "idle_in_tx")
     for bucket in buckets[:EVIDENCE_ROWS]:
         role, application = bucket.key
         evidence.append(
@@ -74,32 +89,31 @@ def idle_in_transaction(context: Context) -> list[Finding]:
             f"last query: {advice.query_sample(bucket.oldest.query)!r}"
         )
     evidence.extend(more(len(buckets), EVIDENCE_ROWS, "user/application groups"))
+    evidence.extend(spared_lines(context, (STATE_IN_TRANSACTION, STATE_ABORTED)))
 
     fixes = [
         terminate_fix(
+            context,
             sessions,
-            ("idle in transaction", "idle in transaction (aborted)"),
-            "state_change",
-            threshold,
+            dict.fromkeys((STATE_IN_TRANSACTION, STATE_ABORTED), threshold),
             "idle-in-transaction sessions",
         )
     ]
     roles = roles_of(sessions)
-    role_timeout = advice.pg_duration_setting(max(threshold, 1.0))
     if roles:
+        # A timeout is what a role should live with, not the threshold this report looked
+        # for: `--idle-in-transaction-after 5s` must not end every 5-second transaction.
         fixes.append(
-            Fix(
-                DURABLE_SQL,
-                "-- new sessions of these roles are ended after this long idle in a transaction\n"
-                + "\n".join(
-                    advice.alter_role_set(role, "idle_in_transaction_session_timeout", role_timeout)
-                    for role in roles
-                ),
+            role_timeouts(
+                roles,
+                "idle_in_transaction_session_timeout",
+                timeout_for(threshold, DEFAULT_OPTIONS.idle_in_transaction_after_s),
+                "new sessions of these roles are ended after this long idle in a transaction",
                 "per-role idle_in_transaction_session_timeout",
             )
         )
     current = context.snapshot.server.setting_seconds("idle_in_transaction_session_timeout")
-    server_timeout = max(threshold, 300.0)
+    server_timeout = timeout_for(threshold, SERVER_IDLE_IN_TRANSACTION_TIMEOUT_S)
     if current is None or current > server_timeout:
         fixes.append(
             Fix(
@@ -130,7 +144,9 @@ def idle_in_transaction(context: Context) -> list[Finding]:
             "fix the cause",
         )
     )
-    fixes.extend(orm_fixes(context, main_applications(sessions), "return connections promptly"))
+    fixes.extend(
+        orm_fixes(context, main_applications(sessions, None), "return connections promptly")
+    )
     return [
         Finding(
             IDLE_IN_TRANSACTION,
@@ -147,8 +163,8 @@ def leaked_idle(context: Context) -> list[Finding]:
     if not context.leaked:
         return []
     threshold = context.options.idle_after_s
-    sessions = oldest_first(context.leaked, "state_age_s")
-    buckets = bucketed(sessions, _APP_ADDR)
+    sessions = oldest_of(context, "leaked")
+    buckets = buckets_of(context, "leaked")
     summary = (
         f"{len(sessions)} sessions idle for ≥ {human_age(threshold)} from {len(buckets)} "
         "application/client group(s): the pattern of leaked connections"
@@ -164,8 +180,9 @@ def leaked_idle(context: Context) -> list[Finding]:
             f"{advice.query_sample(bucket.oldest.query)!r}"
         )
     evidence.extend(more(len(buckets), EVIDENCE_ROWS, "groups"))
+    evidence.extend(spared_lines(context, (IDLE,)))
 
-    fixes = [terminate_fix(sessions, ("idle",), "state_change", threshold, "idle sessions")]
+    fixes = [terminate_fix(context, sessions, {IDLE: threshold}, "idle sessions")]
     keepalive_settings = [
         ("tcp_keepalives_idle", "60"),
         ("tcp_keepalives_interval", "10"),
@@ -187,28 +204,32 @@ def leaked_idle(context: Context) -> list[Finding]:
             "TCP keepalives",
         )
     )
-    roles = roles_of(sessions)
+    # A LISTEN session is idle by design between notifications: a timeout would cut its role's
+    # listeners off, so such roles get none (issue 10 item 17).
+    listening = listening_roles(context)
+    roles = [role for role in roles_of(sessions) if role not in listening]
     if roles and version_at_least(context, 140000) is not False:
         header = (
-            "-- PostgreSQL 14+ (version not observed: check first)\n"
+            "PostgreSQL 14+ (version not observed: check first); "
             if version_at_least(context, 140000) is None
             else ""
         )
-        fixes.append(
-            Fix(
-                DURABLE_SQL,
-                header
-                + "-- close these roles' sessions idle this long; their pools must reconnect "
-                "(pre-ping/recycle, see the ORM settings)\n"
-                + "\n".join(
-                    advice.alter_role_set(
-                        role, "idle_session_timeout", advice.pg_duration_setting(threshold)
-                    )
-                    for role in roles
-                ),
-                "per-role idle_session_timeout",
-            )
+        skipped = sorted(listening & set(roles_of(sessions)))
+        fix = role_timeouts(
+            roles,
+            "idle_session_timeout",
+            timeout_for(threshold, DEFAULT_OPTIONS.idle_after_s),
+            header + "close these roles' sessions idle this long; their pools must reconnect "
+            "(pre-ping/recycle, see the ORM settings)"
+            + (
+                f"\n-- not for {', '.join(name_of(r) for r in skipped)}: its sessions LISTEN, "
+                "and a listener is idle by design"
+                if skipped
+                else ""
+            ),
+            "per-role idle_session_timeout",
         )
+        fixes.append(fix)
     fixes.append(
         Fix(
             ADVICE,
@@ -219,7 +240,7 @@ def leaked_idle(context: Context) -> list[Finding]:
             "fix the leak",
         )
     )
-    applications = [str(bucket.key[0]) for bucket in buckets[:3]]
+    applications = list(dict.fromkeys(str(bucket.key[0]) for bucket in buckets))
     fixes.extend(orm_fixes(context, applications, "leak detection and recycling"))
     return [
         Finding(
@@ -238,6 +259,13 @@ def long_running(context: Context) -> list[Finding]:
         return []
     threshold = context.options.long_running_after_s
     sessions = oldest_first(context.long_running, "query_age_s")
+    # Sessions waiting on a lock whose holder is known are its victims: the lock_blocker
+    # finding ends the holder; cancelling them would only send them back into the queue.
+    victims = blocking(context).victims
+    victimised = [s for s in sessions if s.pid in victims]
+    sessions = [s for s in sessions if s.pid not in victims] if victimised else sessions
+    if not sessions:
+        return []  # all of them wait on a lock: the lock_blocker finding names the holder
     summary = (
         f"{len(sessions)} queries active for ≥ {human_age(threshold)}; the longest has run "
         f"{human_age(sessions[0].query_age_s)}"
@@ -255,34 +283,39 @@ def long_running(context: Context) -> list[Finding]:
             f"{waiting}; query: {advice.query_sample(session.query)!r}"
         )
     evidence.extend(more(len(sessions), EVIDENCE_ROWS, "queries"))
+    evidence.extend(spared_lines(context, (ACTIVE, FASTPATH)))
+    if victimised:
+        evidence.append(
+            f"{len(victimised)} more wait on a lock another session holds (pids "
+            f"{', '.join(str(s.pid) for s in victimised[:EVIDENCE_ROWS])}"
+            + (" ..." if len(victimised) > EVIDENCE_ROWS else "")
+            + "): not cancelled here; see the lock_blocker finding"
+        )
+    spare = context.unknown_superusers
     listed = sessions[: advice.MAX_LISTED]
     fixes = [
         Fix(
             EMERGENCY_SQL,
             "-- cancel first: the query stops, the session and its slot stay; each row "
             "re-checks pid, backend_start, state and query_start\n"
-            + advice.signal_sql(listed, cancel=True),
+            + advice.signal_sql(listed, cancel=True, spare_superusers=spare),
             f"cancel the {len(listed)} oldest queries",
         ),
         Fix(
             EMERGENCY_SQL,
             "-- still running a few seconds later? terminate the same sessions\n"
-            + advice.signal_sql(listed),
+            + advice.signal_sql(listed, spare_superusers=spare),
             "then terminate what did not stop",
         ),
     ]
     roles = roles_of(sessions)
     if roles:
         fixes.append(
-            Fix(
-                DURABLE_SQL,
-                "-- applies to the roles' new sessions; reporting roles may need longer\n"
-                + "\n".join(
-                    advice.alter_role_set(
-                        role, "statement_timeout", advice.pg_duration_setting(threshold)
-                    )
-                    for role in roles
-                ),
+            role_timeouts(
+                roles,
+                "statement_timeout",
+                timeout_for(threshold, DEFAULT_OPTIONS.long_running_after_s),
+                "applies to the roles' new sessions; reporting roles may need longer",
                 "per-role statement_timeout",
             )
         )

@@ -202,7 +202,7 @@ def dump_clock(table: Table, stamps: Sequence[Sequence[datetime | None]]) -> tup
         if index is None:
             continue
         clocks = [
-            _timestamp(table, number, name, row[index])
+            timestamp_cell(table, number, name, row[index])
             for number, row in enumerate(table.rows)
             if row[index]
         ]
@@ -246,13 +246,13 @@ def _row_problem(table: Table, number: int, cells: Mapping[str, Any]) -> DumpErr
     for column in TIMESTAMP_COLUMNS:
         if cells[column]:
             try:
-                _timestamp(table, number, column, cells[column])
+                timestamp_cell(table, number, column, cells[column])
             except DumpError as problem:
                 return problem
     return None
 
 
-def _timestamp(table: Table, number: int, column: str, value: Any) -> datetime:
+def timestamp_cell(table: Table, number: int, column: str, value: Any) -> datetime:
     where = f"{table.path}: {table.where(number)}, column {column}"
     try:
         stamp = datetime.fromisoformat(value)

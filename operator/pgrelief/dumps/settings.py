@@ -2,14 +2,20 @@
 
 A dump rarely says everything: what it lacks is PostgreSQL's default (``DEFAULT_SETTINGS``),
 and the diagnosis names each assumed setting so nobody mistakes a default for a fact.
+
+Three shapes arrive: ``select * from pg_settings`` (raw values with a ``unit`` column and the
+server-wide ``reset_val``), ``select name, setting from pg_settings`` (raw values, no unit) and
+``SHOW ALL`` (values as people write them: ``128MB``, ``5min``). Values without a unit column
+get the unit PostgreSQL defines for that setting, or are converted from the unit they carry,
+so ``shared_buffers`` means the same bytes whichever way it was dumped.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from pathlib import Path
 
-from pgrelief.dumps.tables import preview, read_table
+from pgrelief.dumps.tables import Table, preview
 from pgrelief.errors import DumpError
 from pgrelief.snapshot import (
     DEFAULT_MAX_CONNECTIONS,
@@ -43,8 +49,23 @@ DEFAULT_SETTINGS: Mapping[str, tuple[str, str | None, str, int]] = {
 
 HOW_TO_SETTINGS = (
     "expected the output of \\copy (select * from pg_settings) to 'file.csv' csv header, "
-    'or of psql -At -c "select json_agg(s) from pg_settings s"'
+    'of psql -At -c "select json_agg(s) from pg_settings s", or psql\'s output of SHOW ALL'
 )
+# The unit pg_settings gives each setting pgrelief reads: what a bare number means.
+KNOWN_UNITS: Mapping[str, str] = {
+    **{name: unit for name, (_, unit, _, _) in DEFAULT_SETTINGS.items() if unit},
+    "autovacuum_work_mem": "kB",
+}
+_MEMORY = {"B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+_TIME_MS = {
+    "us": 0.001,
+    "ms": 1.0,
+    "s": 1000.0,
+    "min": 60_000.0,
+    "h": 3_600_000.0,
+    "d": 86_400_000.0,
+}
+_WITH_UNIT = re.compile(r"(-?[0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)")
 
 
 def server_facts(settings: Mapping[str, Setting], source: str = "settings") -> ServerFacts:
@@ -79,14 +100,13 @@ def server_facts(settings: Mapping[str, Setting], source: str = "settings") -> S
     )
 
 
-def load_settings(path: Path) -> dict[str, Setting]:
-    """pg_settings rows from a dump, by name."""
-    table = read_table(path, HOW_TO_SETTINGS)
+def settings_from(table: Table) -> dict[str, Setting]:
+    """pg_settings (or SHOW ALL) rows by name; ``DumpError`` if the table is neither."""
     name_at, setting_at = table.index("name"), table.index("setting")
     if name_at is None or setting_at is None:
         missing = [c for c in ("name", "setting") if table.index(c) is None]
         raise DumpError(
-            f"{path}: not a pg_settings dump: missing column(s) {', '.join(missing)} "
+            f"{table.path}: not a pg_settings dump: missing column(s) {', '.join(missing)} "
             f"(found: {preview(table.columns)}); {HOW_TO_SETTINGS}"
         )
     unit_at, context_at = table.index("unit"), table.index("context")
@@ -98,18 +118,46 @@ def load_settings(path: Path) -> dict[str, Setting]:
         name = row[name_at]
         if not name:
             continue
-        unit = row[unit_at] if unit_at is not None else None
         context = row[context_at] if context_at is not None else None
         value = row[setting_at]
         if reset_at is not None and row[reset_at] not in (None, ""):
             value = row[reset_at]
+        text = "" if value is None else str(value)
+        if unit_at is None:
+            text, unit = _without_unit_column(str(name), text)
+        else:
+            unit = str(row[unit_at]) if row[unit_at] else None
         settings[str(name)] = Setting(
             name=str(name),
-            setting="" if value is None else str(value),
-            unit=str(unit) if unit else None,
+            setting=text,
+            unit=unit,
             context=str(context) if context else None,
         )
     return settings
+
+
+def _without_unit_column(name: str, text: str) -> tuple[str, str | None]:
+    """(value, unit) as pg_settings would say it, for a dump without the unit column."""
+    unit = KNOWN_UNITS.get(name)
+    found = _WITH_UNIT.fullmatch(text.strip())
+    if unit is None or found is None:
+        return text, unit
+    number, suffix = found.groups()
+    if not suffix:
+        return number, unit  # a raw pg_settings value: in the setting's own unit
+    if suffix in _MEMORY and unit in _memory_units():
+        return _plain(float(number) * _MEMORY[suffix]), "B"
+    if suffix in _TIME_MS and unit in _TIME_MS:
+        return _plain(float(number) * _TIME_MS[suffix]), "ms"
+    return text, unit
+
+
+def _memory_units() -> frozenset[str]:
+    return frozenset({"B", "kB", "8kB", "MB", "16MB"})
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if number == int(number) else str(number)
 
 
 def _version_num(settings: Mapping[str, Setting]) -> int | None:

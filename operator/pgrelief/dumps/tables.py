@@ -2,7 +2,10 @@
 object holding the array.
 
 This is the reference reader: it alone defines what a dump file means and words every error
-(the pyarrow fast path in ``_arrow`` hands any file it cannot vouch for back to it).
+(the pyarrow fast path in ``_arrow`` hands any file it cannot vouch for back to it). A paste
+may hold several tables one after the other (``cat activity.csv settings.csv``, or two
+``json_agg`` results): given ``starts_table``, which says whether a row of column names opens a
+table pgrelief knows, the readers return each table instead of one malformed one.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -38,6 +42,8 @@ class Table:
     columns: tuple[str, ...]
     rows: Sequence[Sequence[Any]]
     csv_text: str | None = None  # kept to find a row's line number, only for messages
+    row_lines: Sequence[int] | None = None  # each row's first line (psql's output)
+    first_line: int = 1  # where the table starts in the file (one of several in a paste)
 
     def index(self, name: str) -> int | None:
         try:
@@ -47,6 +53,8 @@ class Table:
 
     def where(self, row: int) -> str:
         """Where row number ``row`` (0-based) is in the file, for error messages."""
+        if self.row_lines is not None and row < len(self.row_lines):
+            return f"line {self.row_lines[row]}"
         if self.csv_text is None:
             return f"element {row + 1}"
         # Re-parsed on demand: recording every row's line while reading costs 10%.
@@ -54,8 +62,12 @@ class Table:
         next(reader)
         for number, _record in enumerate(filter(None, reader)):
             if number == row:
-                return f"line {reader.line_num}"
+                return f"line {reader.line_num + self.first_line - 1}"
         return f"row {row + 1}"
+
+
+# Says whether a row of column names opens a table of a kind pgrelief reads.
+StartsTable = Callable[[Sequence[str]], bool]
 
 
 def read_table(path: Path, how_to: str = HOW_TO) -> Table:
@@ -75,16 +87,71 @@ def read_bytes(path: Path) -> bytes:
 
 
 def parse_table(path: Path, data: bytes, how_to: str) -> Table:
+    """The one CSV or JSON table in ``data`` (UTF-8, undecodable bytes replaced)."""
     # Line breaks are kept as they are: CSV fields (query texts) may hold them.
     text = data.decode("utf-8-sig", errors="replace")
-    stripped = text.lstrip()
-    if not stripped:
+    check_text(path, text, how_to)
+    if text.lstrip()[0] in "[{":
+        return _json_table(path, text.lstrip(), how_to)
+    return _csv_table(path, text, how_to)
+
+
+def check_text(path: Path, text: str, how_to: str) -> None:
+    """The complaints that come before any format: nothing in it, or not text at all."""
+    if not text.strip():
         raise DumpError(f"{path}: the file is empty; {how_to}")
     if "\x00" in text:
-        raise DumpError(f"{path}: a binary file, not CSV or JSON; {how_to}")
-    if stripped[0] in "[{":
-        return _json_table(path, stripped, how_to)
-    return _csv_table(path, text, how_to)
+        raise DumpError(f"{path}: a binary file, not a text dump; {how_to}")
+
+
+def csv_tables(path: Path, text: str, how_to: str, starts_table: StartsTable) -> list[Table]:
+    """One table per header line in a CSV text (several files pasted one after the other).
+
+    A row opens a new table when all its cells are names and ``starts_table`` knows them: a
+    data row of pg_stat_activity or pg_settings never is (its first cell is a number or a
+    setting's name beside a value that is not a name).
+    """
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    parts: list[tuple[int, tuple[str, ...], list[list[str]]]] = []  # header line, names, rows
+    try:
+        for record in reader:
+            if not record:
+                continue
+            if not parts or _names_a_table(record, starts_table):
+                parts.append((reader.line_num, tuple(c.strip().lower() for c in record), []))
+            else:
+                parts[-1][2].append(record)
+    except csv.Error as failure:
+        raise DumpError(f"{path}: line {reader.line_num}: not valid CSV ({failure})") from None
+    if not parts:
+        raise DumpError(f"{path}: the file is empty; {how_to}")
+    lines = io.StringIO(text, newline="").readlines()  # split as the csv reader counts lines
+    ends = [line for line, _, _ in parts[1:]] + [len(lines) + 1]
+    tables = []
+    for (first, columns, rows), end in zip(parts, ends, strict=True):
+        if len(columns) < 2:
+            raise DumpError(
+                f"{path}: line {first}: not a CSV header line "
+                f"({clip(lines[first - 1].rstrip())!r}); "
+                f"{how_to}"
+            )
+        table = Table(path, columns, rows, "".join(lines[first - 1 : end - 1]), None, first)
+        _check_widths(table)
+        tables.append(table)
+    return tables
+
+
+def _names_a_table(record: Sequence[str], starts_table: StartsTable) -> bool:
+    return (
+        _IDENT.fullmatch(record[0].strip()) is not None
+        and all(_IDENT.fullmatch(cell.strip()) for cell in record)
+        and starts_table(tuple(cell.strip().lower() for cell in record))
+    )
+
+
+_IDENT = re.compile(r"[a-z_][a-z0-9_]*", re.IGNORECASE)
 
 
 # track_activity_query_size goes up to 1 MB; the csv module refuses fields over 128 KiB by
@@ -108,14 +175,75 @@ def _csv_table(path: Path, text: str, how_to: str) -> Table:
     except csv.Error as failure:
         raise DumpError(f"{path}: line {reader.line_num}: not valid CSV ({failure})") from None
     table = Table(path, columns, rows, text)
-    width = len(columns)
-    for number, record in enumerate(rows):
+    _check_widths(table)
+    return table
+
+
+def _check_widths(table: Table) -> None:
+    width = len(table.columns)
+    for number, record in enumerate(table.rows):
         if len(record) != width:
             raise DumpError(
-                f"{path}: {table.where(number)}: {len(record)} fields where the header has "
-                f"{width}; was the file cut or edited?"
+                f"{table.path}: {table.where(number)}: {len(record)} fields where the header "
+                f"has {width}; was the file cut or edited?"
             )
-    return table
+
+
+def json_tables(path: Path, text: str, how_to: str, starts_table: StartsTable) -> list[Table]:
+    """The tables of one or more JSON documents one after the other.
+
+    Each array of row objects (``json_agg``), or object holding one (``{"rows": [...]}``), is
+    a table; consecutive row objects (``row_to_json``, one per line) are one table until the
+    keys change to another kind ``starts_table`` knows.
+    """
+    try:
+        return [_json_table(path, text, how_to)]
+    except DumpError as single:
+        documents = _json_documents(path, text)
+        if len(documents) < 2:
+            raise single from None
+    tables: list[Table] = []
+    loose: list[dict[str, Any]] = []
+    for document in documents:
+        if isinstance(document, dict) and not _holds_rows(document):
+            if loose and set(document) != set(loose[0]) and starts_table(tuple(document)):
+                tables.append(_rows_table(path, loose, how_to))
+                loose = []
+            loose.append(document)
+            continue
+        if loose:
+            tables.append(_rows_table(path, loose, how_to))
+            loose = []
+        tables.append(_rows_table(path, document, how_to))
+    if loose:
+        tables.append(_rows_table(path, loose, how_to))
+    return tables
+
+
+def _json_documents(path: Path, text: str) -> list[Any]:
+    decoder = json.JSONDecoder()
+    documents: list[Any] = []
+    position = 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            return documents
+        try:
+            document, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as failure:
+            raise DumpError(
+                f"{path}: not valid JSON (line {failure.lineno}, column {failure.colno}: "
+                f"{failure.msg})"
+            ) from None
+        documents.append(document)
+
+
+def _holds_rows(document: dict[str, Any]) -> bool:
+    return any(
+        isinstance(value, list) and value and all(isinstance(item, dict) for item in value)
+        for value in document.values()
+    )
 
 
 def _json_table(path: Path, text: str, how_to: str) -> Table:
@@ -123,6 +251,10 @@ def _json_table(path: Path, text: str, how_to: str) -> Table:
         items: Any = json.loads(text)
     except json.JSONDecodeError as whole_failure:
         items = _json_lines(path, text, whole_failure)
+    return _rows_table(path, items, how_to)
+
+
+def _rows_table(path: Path, items: Any, how_to: str) -> Table:
     if isinstance(items, dict):
         items = _unwrap(path, items, how_to)
     if not isinstance(items, list):

@@ -31,6 +31,8 @@ REMEDIATING = "Remediating"
 COUNTS_EVERY = timedelta(seconds=30)
 HEARTBEAT_EVERY = timedelta(minutes=5)
 _TEXT_LIMIT = 512
+# metav1.Condition allows 32 KiB; a condition may carry the SQL that fixes it.
+_CONDITION_MESSAGE_LIMIT = 8192
 
 # Fields whose change alone is not worth a write before COUNTS_EVERY has passed.
 _COUNTS = frozenset(
@@ -55,7 +57,7 @@ def with_condition(
         type=kind,
         status=status,  # type: ignore[arg-type]
         reason=reason,
-        message=message[:_TEXT_LIMIT],
+        message=message[:_CONDITION_MESSAGE_LIMIT],
         last_transition_time=now if moved or previous is None else previous.last_transition_time,
         observed_generation=generation,
     )

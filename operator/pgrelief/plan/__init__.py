@@ -51,7 +51,7 @@ from pgrelief.plan.actions import (
 )
 from pgrelief.plan.limits import RELOADABLE_CONTEXTS, plan_limits
 from pgrelief.plan.pg_values import format_pg_duration, setting_text
-from pgrelief.plan.revert import plan_revert
+from pgrelief.plan.revert import original_value, plan_revert
 from pgrelief.plan.terminations import is_superuser, plan_terminations, protection
 from pgrelief.policy import ConnectionPolicySpec
 from pgrelief.snapshot import Snapshot
@@ -103,14 +103,10 @@ def plan(
     originals: dict[str, str | None] = {}
     for change in changes:
         if change.key not in history.originals and change.key not in originals:
-            originals[change.key] = _as_original(change.previous)
+            originals[change.key] = original_value(change, snapshot)
     return Plan(
         actions=(*terminations, *changes, *recommendations),
         skipped=skipped,
         originals=originals,
         budget_exhausted=exhausted,
     )
-
-
-def _as_original(previous: int | str | None) -> str | None:
-    return None if previous is None else str(previous)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pgrelief.advice import quoted_name as quote_ident
 from pgrelief.plan.actions import (
     Action,
+    Change,
     Plan,
     Recommendation,
     SetDatabaseConnectionLimit,
@@ -37,13 +38,12 @@ def plan_revert(
 
     Runs whatever the policy's mode (reverting is asked for explicitly: ``onDelete: Revert``
     or ``pgrelief run --revert``); values already back to the original produce nothing.
-    A system setting is restored by ALTER SYSTEM SET to the value in effect before pgrelief
-    changed it (pg_settings does not say whether that value came from postgresql.conf).
+    A system setting that had no ALTER SYSTEM value before pgrelief (its original is recorded
+    as None: ``original_value``) is restored by ALTER SYSTEM RESET, so postgresql.conf or
+    the default rules again; one that had is set back to that value.
     """
-    why = (
-        "revert to the value found before pgrelief changed it "
-        f"(limits.onDelete {policy_spec.limits.on_delete})"
-    )
+    # Not the policy's onDelete: `run --revert` reverts whatever it says (Keep included).
+    why = "revert to the value found before pgrelief changed it"
     actions: list[Action] = []
     for key, original in originals.items():
         parsed = parse_key(key)
@@ -97,11 +97,36 @@ def _revert_system(
 ) -> list[Action]:
     if current is None:
         return [_cannot_revert(f"setting {name}", system_key(name), original)]
-    if original is not None and same_pg_value(
-        setting_text(current), original, default_unit=current.unit
-    ):
+    if original is None:
+        if current.set_by_alter_system is False:
+            return []  # nothing of pgrelief's left in postgresql.auto.conf
+        return [
+            SetSystemSetting(
+                name,
+                None,
+                setting_text(current),
+                why + " (it had no ALTER SYSTEM value: RESET)",
+            )
+        ]
+    if same_pg_value(setting_text(current), original, default_unit=current.unit):
         return []
     return [SetSystemSetting(name, original, setting_text(current), why)]
+
+
+def original_value(change: Change, snapshot: Snapshot) -> str | None:
+    """What to record as the value before ``change``, for ``plan_revert`` to restore.
+
+    None means "nothing explicit to restore": a role setting that was not set, or a system
+    setting that had no ALTER SYSTEM value (it came from postgresql.conf or the default), which
+    revert then RESETs instead of pinning the old value in postgresql.auto.conf. When
+    pg_settings cannot say where the value came from (sourcefile needs pg_read_all_settings),
+    the value is recorded, as before.
+    """
+    if isinstance(change, SetSystemSetting):
+        current = snapshot.server.settings.get(change.setting)
+        if current is not None and current.set_by_alter_system is False:
+            return None
+    return None if change.previous is None else str(change.previous)
 
 
 def _cannot_revert(subject: str, key: str, original: str | None) -> Recommendation:

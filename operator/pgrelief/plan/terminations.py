@@ -1,10 +1,11 @@
 """Which idle sessions to terminate this cycle, and why every other match is spared.
 
-The safety rules of DESIGN.md are decided here: only client backends, never pgrelief's own
+The safety rules of DESIGN.md are applied here: only client backends, never pgrelief's own
 session, the policy's protections (superusers, roles, applications, databases, client CIDRs,
-listeners), the pressure gate, and the per-cycle and per-hour budgets, oldest first. Every
-session a rule matched comes back either as a ``TerminateBackend`` carrying the identity
-``act`` re-checks, or as a ``SkippedSession`` with the reason, so nothing is silently left out.
+listeners: decided by ``pgrelief.protection``, which `diagnose` asks too), the pressure gate,
+and the per-cycle and per-hour budgets, oldest first. Every session a rule matched comes back
+either as a ``TerminateBackend`` carrying the identity ``act`` re-checks, or as a
+``SkippedSession`` with the reason, so nothing is silently left out.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-from pgrelief.advice import quote_literal
-from pgrelief.advice import quoted_name as quote_ident
+from pgrelief import protection as rules
 from pgrelief.diagnosis import Severity
 from pgrelief.durations import parse_duration
 from pgrelief.plan.actions import PlanHistory, SkippedSession, TerminateBackend
 from pgrelief.policy import ConnectionPolicySpec, ProtectSpec
-from pgrelief.snapshot import CLIENT_BACKEND, Session, Snapshot
+from pgrelief.snapshot import Session, Snapshot
 
 _UNDER_PRESSURE = frozenset({Severity.WARNING, Severity.CRITICAL})
 
@@ -47,7 +47,7 @@ def plan_terminations(
         "idle in transaction (aborted)": terminate.idle_in_transaction_aborted_after,
         "idle": terminate.idle_after,
     }
-    networks = remediation.protect.networks()
+    protect = protect_of(remediation.protect)
     eligible: list[TerminateBackend] = []
     spared: list[SkippedSession] = []
     for session in snapshot.sessions:
@@ -58,7 +58,8 @@ def plan_terminations(
         if age is None or age < parse_duration(threshold):
             continue
         candidate = _candidate(session, age, threshold, pressure)
-        why = protection(session, snapshot, remediation.protect, networks)
+        protected = rules.protection(session, snapshot, protect)
+        why = None if protected is None else protected.text
         retry_at = history.backoff.get(candidate.identity)
         if why is None and retry_at is not None and now < retry_at:
             why = (
@@ -93,39 +94,28 @@ def protection(
     protect: ProtectSpec,
     networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
 ) -> str | None:
-    """Why ``session`` must not be terminated, or None when it may be."""
-    if session.backend_type != CLIENT_BACKEND:
-        return f"not a client backend ({session.backend_type})"
-    if snapshot.own_pid is not None and session.pid == snapshot.own_pid:
-        return "pgrelief's own session"
-    if protect.superusers:
-        superuser = is_superuser(session, snapshot)
-        if superuser is None:
-            return "superuser status unknown (protect.superusers)"
-        if superuser:
-            return "superuser (protect.superusers)"
-    if session.usename is not None and session.usename in protect.roles:
-        return f"protected role {quote_ident(session.usename)}"
-    if session.application_name in protect.applications:
-        return f"protected application {quote_literal(session.application_name)}"
-    if session.datname is not None and session.datname in protect.databases:
-        return f"protected database {quote_ident(session.datname)}"
-    network = _covering_network(
-        session.client_addr, protect.networks() if networks is None else networks
+    """Why ``session`` must not be terminated, or None when it may be (``pgrelief.protection``
+    decides, so `diagnose` spares the same sessions)."""
+    spared = rules.protection(session, snapshot, protect_of(protect, networks))
+    return None if spared is None else spared.text
+
+
+def protect_of(
+    protect: ProtectSpec,
+    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+) -> rules.Protect:
+    """A policy's ``protect`` section as the plain values ``pgrelief.protection`` reads."""
+    return rules.Protect(
+        superusers=protect.superusers,
+        listeners=protect.listeners,
+        roles=frozenset(protect.roles),
+        applications=frozenset(protect.applications),
+        databases=frozenset(protect.databases),
+        networks=tuple(protect.networks() if networks is None else networks),
     )
-    if network is not None:
-        return f"protected client address {session.client_addr} (in {network})"
-    if protect.listeners and session.is_listener:
-        return "LISTEN session (protect.listeners)"
-    return None
 
 
-def is_superuser(session: Session, snapshot: Snapshot) -> bool | None:
-    """The session's role's superuser flag, from the session or pg_roles; None if unknown."""
-    if session.is_superuser is not None:
-        return session.is_superuser
-    role = snapshot.roles.get(session.usename) if session.usename is not None else None
-    return role.is_superuser if role is not None else None
+is_superuser = rules.is_superuser
 
 
 def _candidate(
@@ -168,24 +158,6 @@ def _state_age(session: Session, snapshot: Snapshot) -> float | None:
         return max((snapshot.taken_at - session.state_change).total_seconds(), 0.0)
     except TypeError:  # one naive, one aware: no trustworthy age
         return None
-
-
-def _covering_network(
-    address: str | None, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    if address is None or not networks:
-        return None
-    try:
-        parsed = ipaddress.ip_address(address.split("/")[0])
-    except ValueError:
-        return None
-    forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [parsed]
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        forms.append(parsed.ipv4_mapped)
-    for network in networks:
-        if any(form.version == network.version and form in network for form in forms):
-            return network
-    return None
 
 
 _SECRET_HINT = re.compile(r"password|secret|passwd", re.IGNORECASE)

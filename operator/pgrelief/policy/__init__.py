@@ -12,9 +12,10 @@ duration without a unit is an error, because a typo in a safety policy silently 
 policy that does not protect what its author thinks it protects.
 
 The rooms: ``fields`` (API identity, field types and their checks, the strict base model),
-``spec`` (the object and its spec), ``limits`` (ALTER ROLE/DATABASE/SYSTEM), ``status`` (what
-the operator writes back), ``errors`` (validation with one line per bad field path). Import
-from here: the room a name lives in is not part of the contract.
+``spec`` (the object and its spec), ``pgbouncer`` (the pooler section), ``limits`` (ALTER
+ROLE/DATABASE/SYSTEM), ``status`` (what the operator writes back), ``errors`` (validation with
+one line per bad field path). Import from here: the room a name lives in is not part of the
+contract.
 """
 
 from pgrelief.pgbouncer_ini import RESERVED_PGBOUNCER_KEYS, PoolMode
@@ -35,17 +36,24 @@ from pgrelief.policy.fields import (
     Mode,
     OnDelete,
     Percent,
+    PgBouncerKey,
     PositiveDuration,
     SslMode,
 )
 from pgrelief.policy.limits import DatabaseLimit, LimitsSpec, RoleLimit, ServerLimits
+from pgrelief.policy.pgbouncer import (
+    AuthQuerySpec,
+    PgBouncerAuthSpec,
+    PgBouncerResources,
+    PgBouncerSpec,
+    SecretKey,
+)
 from pgrelief.policy.spec import (
     BudgetSpec,
     ConnectionPolicy,
     ConnectionPolicySpec,
     CredentialsSecret,
     ObjectMeta,
-    PgBouncerSpec,
     PostgresSpec,
     PressureSpec,
     ProtectSpec,
@@ -71,6 +79,7 @@ __all__ = [
     "MAX_RECENT_ACTIONS",
     "MAX_STATUS_FINDINGS",
     "RESERVED_PGBOUNCER_KEYS",
+    "AuthQuerySpec",
     "BudgetSpec",
     "Cidr",
     "Condition",
@@ -88,6 +97,9 @@ __all__ = [
     "ObjectMeta",
     "OnDelete",
     "Percent",
+    "PgBouncerAuthSpec",
+    "PgBouncerKey",
+    "PgBouncerResources",
     "PgBouncerSpec",
     "PolicyError",
     "PoolMode",
@@ -98,6 +110,7 @@ __all__ = [
     "RecentAction",
     "RemediationSpec",
     "RoleLimit",
+    "SecretKey",
     "ServerLimits",
     "SslMode",
     "TerminateSpec",

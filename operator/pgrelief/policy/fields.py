@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic.alias_generators import to_camel
 
 from pgrelief.durations import DurationError, parse_duration
+from pgrelief.pgbouncer_ini import is_ini_key
 
 ApiVersion = Literal["pgrelief.dev/v1alpha1"]
 Kind = Literal["ConnectionPolicy"]
@@ -32,6 +33,8 @@ INT4_MAX = 2**31 - 1
 
 # The same grammar as pgrelief.durations.parse_duration, for the API server's own validation.
 DURATION_PATTERN = r"^ *([0-9]+(\.[0-9]+)? *(ms|min|s|m|h|d) *)+$"
+# What PgBouncer's ini parser reads as a key (pgbouncer_ini.is_ini_key), for the API server.
+PGBOUNCER_KEY_PATTERN = r"^[0-9A-Za-z_.-]+$"
 
 
 def _check_duration(text: str) -> str:
@@ -79,6 +82,16 @@ def _check_identifier(name: str) -> str:
     return name
 
 
+def _check_pgbouncer_key(name: str) -> str:
+    _check_identifier(name)
+    if not is_ini_key(name):
+        raise ValueError(
+            f"{name!r} cannot be a pgbouncer.ini key: only letters, digits, _ . and - "
+            "(PgBouncer's parser takes no quoting)"
+        )
+    return name
+
+
 def _check_cidr(text: str) -> str:
     try:
         ipaddress.ip_network(text, strict=True)
@@ -104,6 +117,20 @@ Identifier = Annotated[
     WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_IDENTIFIER_BYTES}),
 ]
 Cidr = Annotated[str, AfterValidator(_check_cidr)]
+PgBouncerKey = Annotated[
+    str,
+    AfterValidator(_check_pgbouncer_key),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_IDENTIFIER_BYTES,
+            "pattern": PGBOUNCER_KEY_PATTERN,
+        }
+    ),
+]
+"""A PostgreSQL name that is also a pgbouncer.ini key as it is (a database clients ask for by
+name, the lookup role): PgBouncer's parser takes no quoting."""
 Percent = Annotated[int, Field(ge=1, le=100)]
 
 Mode = Literal["Enforce", "DryRun", "Off"]
@@ -118,6 +145,10 @@ LIST_BY_NAME: dict[str, Any] = {
 }
 # Keeps the CEL rule below within the API server's cost budget.
 MAX_PGBOUNCER_PARAMETERS = 100
+MAX_PGBOUNCER_DATABASES = 100
+MAX_PGBOUNCER_USERS = 1000
+# Lists of names without duplicates: the API server refuses a second entry itself.
+LIST_OF_NAMES: dict[str, Any] = {"x-kubernetes-list-type": "set"}
 
 
 class PolicyModel(BaseModel):

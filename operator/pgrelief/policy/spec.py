@@ -1,5 +1,5 @@
-"""The ConnectionPolicy object and its spec: how to reach a server, pressure, remediation,
-PgBouncer (``limits`` has its own module).
+"""The ConnectionPolicy object and its spec: how to reach a server, pressure, remediation
+(``limits`` and ``pgbouncer`` have their own modules).
 
 Every field's description says which SQL clause or PostgreSQL/PgBouncer setting it maps to;
 those descriptions are what ``kubectl explain connectionpolicy.spec`` shows.
@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pgrelief.durations import parse_duration
-from pgrelief.pgbouncer_ini import RESERVED_PGBOUNCER_KEYS, PoolMode, parameter_problem
 from pgrelief.policy.fields import (
     API_VERSION_FULL,
     KIND,
-    MAX_PGBOUNCER_PARAMETERS,
     ApiVersion,
     Cidr,
     Identifier,
@@ -29,6 +27,7 @@ from pgrelief.policy.fields import (
     SslMode,
 )
 from pgrelief.policy.limits import LimitsSpec
+from pgrelief.policy.pgbouncer import PgBouncerSpec
 from pgrelief.policy.status import ConnectionPolicyStatus
 
 
@@ -251,72 +250,6 @@ class RemediationSpec(PolicyModel):
     )
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description=BudgetSpec.__doc__)
     protect: ProtectSpec = Field(default_factory=ProtectSpec, description=ProtectSpec.__doc__)
-
-
-class PgBouncerSpec(PolicyModel):
-    """A PgBouncer Deployment + ConfigMap the operator reconciles in front of the server
-    (pgbouncer.ini settings)."""
-
-    enabled: bool = Field(default=False, description="Run PgBouncer for this server.")
-    replicas: int = Field(default=2, ge=1, le=100, description="Number of PgBouncer pods.")
-    pool_mode: PoolMode = Field(
-        default="transaction",
-        description=(
-            "pgbouncer.ini pool_mode. transaction multiplexes best; LISTEN/NOTIFY, session SET, "
-            "advisory locks held across transactions need session."
-        ),
-    )
-    max_client_conn: int = Field(
-        default=2000, ge=1, le=1_000_000, description="pgbouncer.ini max_client_conn (per replica)."
-    )
-    default_pool_size: int | None = Field(
-        default=None,
-        ge=1,
-        le=10_000,
-        description=(
-            "pgbouncer.ini default_pool_size (server connections per user/database pair and "
-            "replica); absent = computed from usable slots and replicas."
-        ),
-    )
-    reserve_pool_size: int = Field(
-        default=5,
-        ge=0,
-        le=10_000,
-        description="pgbouncer.ini reserve_pool_size (extra connections in spikes).",
-    )
-    image: str | None = Field(
-        default=None,
-        min_length=1,
-        description="PgBouncer container image; absent = the operator's default.",
-    )
-    parameters: dict[str, str] = Field(
-        default_factory=dict,
-        max_length=MAX_PGBOUNCER_PARAMETERS,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.all(k, !(k in "
-                    + repr(sorted(RESERVED_PGBOUNCER_KEYS)).replace('"', "'")
-                    + "))",
-                    "message": "keys pgrelief sets itself cannot be overridden: "
-                    + ", ".join(sorted(RESERVED_PGBOUNCER_KEYS)),
-                }
-            ]
-        },
-        description=(
-            'Further pgbouncer.ini [pgbouncer] settings, e.g. server_idle_timeout: "300". Keys '
-            "pgrelief owns (pool sizes, listen address, auth, files) are rejected."
-        ),
-    )
-
-    @field_validator("parameters")
-    @classmethod
-    def _parameters(cls, parameters: dict[str, str]) -> dict[str, str]:
-        for key, value in parameters.items():
-            problem = parameter_problem(key, value)
-            if problem is not None:
-                raise ValueError(problem)
-        return parameters
 
 
 class ConnectionPolicySpec(PolicyModel):
