@@ -17,10 +17,14 @@ Ready, lets start-up settle (``--warmup``), then measures a steady window (``--w
 
 Baselines measured in the same run: the bare cycle (observe, diagnose, plan, act; no kopf,
 no status, no Events) run directly on the same servers, which is the floor an operator cycle
-cannot go under; and the operator with the same policies at a 1 h interval, which is what
-kopf and idle daemons cost with no cycles at all.
+cannot go under; the operator with the same policies at a 1 h interval, which is what kopf
+and idle daemons cost with no cycles at all; and the operator as it was before the scale
+work (``--baseline-ref``, default the commit that added the lag histogram on top of the
+1 Hz spec polling and a Timer thread per cycle), run from ``git archive`` of that commit on
+the largest size, so "before" and "after" share the machine, the servers and the hour.
 
-Run from the repository root: ``python -m bench.operator_scale [--policies 100,300,1000]``.
+Run from the repository root (PYTHONPATH=$PWD/operator):
+``python -m bench.operator_scale [--policies 100,300,1000]``; ``--help`` lists the knobs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import re
 import ssl
 import statistics
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -69,6 +74,7 @@ SPEC = {
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 Samples = list[tuple[str, dict[str, str], float]]
+CRD_NAME = "connectionpolicies.pgrelief.dev"
 
 
 # ---- reading numbers --------------------------------------------------------------------
@@ -196,9 +202,6 @@ def fleet(servers: int, per_server: int, app_sessions: int) -> Iterator[Fleet]:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="opscale-") as scratch:
         kube = start_apiserver(build_testenv(), Path(scratch))
         stack.callback(kube.stop)
-        for path in CRD_FILES:
-            kube.kubectl("apply", "--server-side", "-f", str(path))
-        kube.kubectl("wait", "--for=condition=Established", "crd/connectionpolicies.pgrelief.dev")
         started: list[EmbeddedPostgres] = []
         stack.callback(lambda: [s.stop() for s in started])
         max_connections = per_server + app_sessions + 10
@@ -240,19 +243,20 @@ def create_policies(the_fleet: Fleet, namespace: str, count: int, interval: str)
         list(pool.map(create, range(count)))
 
 
-def ready_count(the_fleet: Fleet, namespace: str) -> int:
+def not_ready(the_fleet: Fleet, namespace: str) -> list[dict[str, Any]]:
+    """The policies not Ready, each with the conditions it has (to say why when it times out)."""
     custom = client.CustomObjectsApi(the_fleet.api)
     items = custom.list_namespaced_custom_object(
         "pgrelief.dev", "v1alpha1", namespace, "connectionpolicies"
     )["items"]
-    return sum(
-        1
+    return [
+        item
         for item in items
-        if any(
+        if not any(
             c.get("type") == "Ready" and c.get("status") == "True"
             for c in (item.get("status") or {}).get("conditions", [])
         )
-    )
+    ]
 
 
 # ---- one scenario -------------------------------------------------------------------------
@@ -292,9 +296,19 @@ class Result:
     def per_policy_minute(self, *keys: tuple[str, str]) -> float:
         return sum(self.requests[k] for k in keys) / self.policies / (self.window_s / 60)
 
+    def writes_per_policy_minute(self) -> float:
+        """Every write the API server counted but its own lease renewals (the issue's target)."""
+        writes = [k for k in self.requests if k[0] in WRITE_VERBS and k[1] != "leases"]
+        return self.per_policy_minute(*writes)
+
 
 STATUS_PATCH = ("PATCH", "connectionpolicies/status")
+# The first commit of the scale work: the lag histogram on the operator as it was (a 1 Hz
+# poll of the spec generation per sleeping policy, a deep copy of the body per cycle, one
+# Timer thread per cycle deadline); it predates main's PgBouncer reconcile.
+BASELINE_REF = "1a6c5a44999c4ab3ef39cb1bcb32cf95be2d9bd9"
 EVENT_KEYS = (("POST", "events"), ("PATCH", "events"))
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
 
 
 def point(the_fleet: Fleet, operator: OperatorProcess) -> Point:
@@ -329,21 +343,31 @@ def run_scenario(
     interval: str,
     args: argparse.Namespace,
     window_s: float,
+    tree: Tree,
 ) -> Result:
     namespace = "bench-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
     work = Path(tempfile.mkdtemp(prefix=f"opscale-{namespace}-"))
+    install_crds(the_fleet, tree.crds)
     create_policies(the_fleet, namespace, policies, interval)
     operator = OperatorProcess(
-        the_fleet.kube, namespace, work, args=("--standalone", "--workers", str(args.workers))
+        the_fleet.kube,
+        namespace,
+        work,
+        args=("--standalone", "--workers", str(args.workers)),
+        env=tree.env,
     )
     operator.start()
     assert operator.process is not None
     print(f"{label}: operator pid {operator.process.pid}, log {operator.log_file}", flush=True)
     try:
         deadline = time.monotonic() + args.ready_timeout
-        while (ready := ready_count(the_fleet, namespace)) < policies:
+        while waiting := not_ready(the_fleet, namespace):
             if time.monotonic() > deadline or not operator.alive():
-                raise RuntimeError(f"{label}: {ready}/{policies} Ready; log {operator.log_file}")
+                example = waiting[0].get("status") or {}
+                raise RuntimeError(
+                    f"{label}: {policies - len(waiting)}/{policies} Ready (one not: "
+                    f"{example.get('conditions')}); log {operator.log_file}"
+                )
             time.sleep(3)
         time.sleep(args.warmup)
         first = point(the_fleet, operator)
@@ -357,7 +381,7 @@ def run_scenario(
         )
         assert operator.process is not None
         rss, peak = memory_mib(operator.process.pid)
-        not_ready = policies - ready_count(the_fleet, namespace)
+        unready = len(not_ready(the_fleet, namespace))
     finally:
         operator.stop(timeout=120)
     span = last.at - first.at
@@ -385,7 +409,7 @@ def run_scenario(
         apiserver_cores=(last.apiserver_cpu - first.apiserver_cpu) / span,
         postgres_cores=(last.postgres_cpu - first.postgres_cpu) / span,
         machine_cores=busy,
-        not_ready=not_ready,
+        not_ready=unready,
         warnings=warnings,
         slices=slices,
     )
@@ -467,6 +491,38 @@ def bare_cycle(the_fleet: Fleet, cycles: int, with_deadline: bool) -> tuple[floa
     return statistics.median(cpu), statistics.median(wall)
 
 
+@dataclass(frozen=True)
+class Tree:
+    """Which operator a scenario runs: its CRDs, and the environment that imports its code."""
+
+    crds: list[Path]
+    env: dict[str, str]
+
+
+def baseline_tree(ref: str, scratch: Path) -> Tree:
+    """The operator of ``ref``, unpacked; its own CRDs (today's default fields it rejects)."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "operator", "crds"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive, check=True)
+    return Tree(
+        sorted((scratch / "crds").glob("*.yaml")), {"PYTHONPATH": str(scratch / "operator")}
+    )
+
+
+def install_crds(the_fleet: Fleet, crds: list[Path]) -> None:
+    for path in crds:
+        the_fleet.kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    the_fleet.kube.kubectl("wait", "--for=condition=Established", "crd/" + CRD_NAME)
+    time.sleep(2)  # the API server serves a changed schema a moment after it is stored
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="opscale-baseline-")
+
+
 # ---- printing -----------------------------------------------------------------------------
 def seconds(value: float) -> str:
     if math.isnan(value):
@@ -480,7 +536,7 @@ def print_results(results: Iterable[Result], floor_cpu_ms: float) -> None:
     head = (
         f"{'scenario':<22}{'load1':>11}{'cyc/s':>7}{'lag p50':>8}{'p95':>7}{'max<=':>7}"
         f"{'cycle':>7}{'CPU':>6}{'ms/cyc':>7}{'xfloor':>7}{'RSS':>6}{'peak':>6}"
-        f"{'st/p/m':>7}{'ev/p/m':>7}{'apisrv':>7}{'pg':>6}{'machine':>8}"
+        f"{'st/p/m':>7}{'ev/p/m':>7}{'wr/p/m':>7}{'apisrv':>7}{'pg':>6}{'machine':>8}"
     )
     print(head)
     for r in results:
@@ -491,6 +547,7 @@ def print_results(results: Iterable[Result], floor_cpu_ms: float) -> None:
             f"{r.cycle_ms:>5.1f}ms{r.cores:>6.2f}{per_cycle:>7.2f}"
             f"{per_cycle / floor_cpu_ms:>6.1f}x{r.rss_mib:>6.0f}{r.peak_mib:>6.0f}"
             f"{r.per_policy_minute(STATUS_PATCH):>7.2f}{r.per_policy_minute(*EVENT_KEYS):>7.2f}"
+            f"{r.writes_per_policy_minute():>7.2f}"
             f"{r.apiserver_cores:>7.2f}{r.postgres_cores:>6.2f}{r.machine_cores:>8.2f}"
         )
     print(
@@ -498,7 +555,8 @@ def print_results(results: Iterable[Result], floor_cpu_ms: float) -> None:
         " schedule (operator histogram, window delta); cycle: mean wall time; CPU: operator"
         " cores (user+sys); ms/cyc: operator CPU per cycle; xfloor: / bare cycle CPU; RSS/peak:"
         " MiB; st/p/m, ev/p/m: status patches, Event writes per policy per minute (counted by"
-        " the API server); apisrv, pg, machine: cores used by the API server+etcd, all"
+        " the API server); wr/p/m: all API writes per policy per minute (leases left out);"
+        " apisrv, pg, machine: cores used by the API server+etcd, all"
         " PostgreSQL processes, the whole machine."
     )
     for r in results:
@@ -539,7 +597,12 @@ def main() -> None:
     parser.add_argument("--quiet-policies", type=int, default=100)
     parser.add_argument("--quiet-interval", default="1s")
     parser.add_argument("--ready-timeout", type=float, default=600)
-    parser.add_argument("--skip", default="", help="comma list of: floor,idle,quiet,scale")
+    parser.add_argument(
+        "--baseline-ref",
+        default=BASELINE_REF,
+        help="git commit whose operator is the 'before' (run on the largest size)",
+    )
+    parser.add_argument("--skip", default="", help="comma list of: floor,idle,baseline,quiet,scale")
     args = parser.parse_args()
     sizes = [int(n) for n in args.policies.split(",")]
     skip = set(filter(None, args.skip.split(",")))
@@ -551,7 +614,7 @@ def main() -> None:
         f"--workers {args.workers}; {os.cpu_count()} CPUs"
     )
     results: list[Result] = []
-    with fleet(args.servers, per_server, args.app_sessions) as the_fleet:
+    with ExitStack() as stack, fleet(args.servers, per_server, args.app_sessions) as the_fleet:
         floor_cpu = math.nan
         if "floor" not in skip:
             floor_cpu, floor_wall = bare_cycle(the_fleet, 400, with_deadline=False)
@@ -562,20 +625,27 @@ def main() -> None:
                 f"(median of 400, load {load_average():.1f})",
                 flush=True,
             )
-        plan: list[tuple[str, int, str, float]] = []
+        today = Tree(CRD_FILES, {})
+        plan: list[tuple[str, int, str, float, Tree]] = []
         if "idle" not in skip:
-            plan.append((f"{largest} @1h (idle)", largest, "1h", args.idle_window))
+            plan.append((f"{largest} @1h (idle)", largest, "1h", args.idle_window, today))
+        if "baseline" not in skip:
+            old = baseline_tree(args.baseline_ref, Path(stack.enter_context(scratch_dir())))
+            label = f"{largest} @{args.interval} before"
+            plan.append((label, largest, args.interval, 0, old))
         if "scale" not in skip:
             for size in sizes:
                 repeats = args.repeat_largest if size == largest else 1
                 for n in range(repeats):
                     suffix = f" #{n + 1}" if repeats > 1 else ""
-                    plan.append((f"{size} @{args.interval}{suffix}", size, args.interval, 0))
+                    plan.append((f"{size} @{args.interval}{suffix}", size, args.interval, 0, today))
         if "quiet" not in skip:
             label = f"{args.quiet_policies} @{args.quiet_interval} quiet"
-            plan.append((label, args.quiet_policies, args.quiet_interval, 0))
-        for label, size, interval, window in plan:
-            result = run_scenario(the_fleet, label, size, interval, args, window or args.window)
+            plan.append((label, args.quiet_policies, args.quiet_interval, 0, today))
+        for label, size, interval, window, tree in plan:
+            result = run_scenario(
+                the_fleet, label, size, interval, args, window or args.window, tree
+            )
             results.append(result)
             print_results([result], floor_cpu)
             print(flush=True)
