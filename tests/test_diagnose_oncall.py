@@ -1,12 +1,14 @@
 """What the report tells a tired on-call engineer (issue 10 items 10, 15-21), on hand-built
-snapshots: the verdict, one sizing source, protected sessions, lock holders, fresh spikes,
-assumed facts, timeouts, database limits, ORM advice for every group, the server's port."""
+snapshots: the verdict (in the text report and the page), one sizing source, protected
+sessions, lock holders, fresh spikes, assumed facts, timeouts, database limits, ORM advice for
+every group, the server's port."""
 
 from __future__ import annotations
 
 import io
 import re
 from dataclasses import replace
+from html import escape
 
 from pgrelief.diagnose import DiagnoseOptions, diagnose
 from pgrelief.diagnosis import (
@@ -23,6 +25,7 @@ from pgrelief.diagnosis import (
     Finding,
 )
 from pgrelief.report import render_text
+from pgrelief.report_html import render_page
 from pgrelief.snapshot import ServerFacts, given_max_connections
 from tests.factories import (
     ACTIVE,
@@ -341,3 +344,23 @@ def test_the_report_shows_no_control_character_raw() -> None:
         text = _report(d, verbose=verbose)
         assert re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u202e]", text) is None
         assert "x\\x1b[2J" in text
+
+
+def test_the_page_leads_with_the_same_verdict_and_one_statement() -> None:
+    d = diagnose(snapshot(_incident(), max_connections=20))
+    assert d.verdict is not None and d.verdict.emergency is not None
+    page = render_page(d, nonce="n")
+    sections = re.findall(r'<section id="([a-z-]+)"', page)
+    assert sections[:4] == ["verdict", "emergency", "durable", "chart"], sections
+    verdict_html = page[
+        page.index('<section id="verdict">') : page.index('<section id="emergency"')
+    ]
+    for line in d.verdict.summary:
+        assert escape(line) in verdict_html
+    emergency_html = page[
+        page.index('<section id="emergency">') : page.index('<section id="durable"')
+    ]
+    assert emergency_html.count("<pre") == 1
+    assert escape(d.verdict.emergency.text) in emergency_html
+    for fix in d.verdict.durable:
+        assert escape(fix.text) in page

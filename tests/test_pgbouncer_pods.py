@@ -219,6 +219,33 @@ def test_the_generated_pod_refuses_to_start_when_the_hard_limit_is_too_low(
     )
 
 
+def test_a_transaction_in_flight_when_the_pod_is_stopped_commits(
+    auth_function: PooledServer, pgbouncer_pod: StartPod
+) -> None:
+    """The kubelet stops a pod with SIGTERM, which PgBouncer before 1.23 (Debian's 1.18 here)
+    takes as an immediate shutdown: rolling the pods cut the transactions of clients holding
+    a connection (seen on the e2e cluster). The start script turns it into the safe shutdown."""
+    pooled = auth_function
+    objects = _objects(pooled, _spec(pooled))
+    pod = pgbouncer_pod(objects.config_map, objects.deployment, secrets=pooled.secrets())
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=pod.port,
+        user=pooled.app_role,
+        password=pooled.app_password,
+        dbname=pooled.database,
+        connect_timeout=10,
+    ) as conn:
+        conn.execute("select 1")  # BEGIN (psycopg's implicit transaction): a server is held
+        pod.terminate()
+        time.sleep(0.5)  # PgBouncer has acted on the signal
+        row = conn.execute("select pg_sleep(0.2), 6 * 7").fetchone()
+        conn.commit()
+        assert row is not None and row[1] == 42
+    assert pod.wait_exit(10) == 0  # and once no server connection is in use, it exits
+    assert "got SIGINT, shutting down" in pod.log()
+
+
 # --- auth ---------------------------------------------------------------------------------------
 
 

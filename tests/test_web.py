@@ -102,22 +102,32 @@ def test_a_pasted_dump_shows_the_verdict_the_sql_and_the_chart(
     submit(browser, web, paste.decode())
     status = browser.text(browser.find("#status"))
     assert status == expected["status"].upper()
-    # The verdict comes first, then the emergency SQL, then the chart.
+    # As the text report: the verdict (who holds the slots), its one statement to run now,
+    # the durable fixes, then the chart.
     order = browser.execute(
         "var ids = Array.from(document.querySelectorAll('section')).map(s => s.id);return ids;"
     )
-    assert order[:3] == ["verdict", "emergency", "chart"], order
-    emergency = [
-        fix["text"]
-        for finding in expected["findings"]
-        for fix in finding["fixes"]
-        if fix["kind"] == EMERGENCY_SQL
-    ]
-    shown = browser.execute(
-        "return Array.from(document.querySelectorAll('#emergency pre')).map(p => p.textContent);"
+    # Sessions seconds old are nobody's to terminate yet: no statement to run now, and the
+    # verdict says which threshold would free them (tests/test_diagnose_oncall.py has the page
+    # with a statement).
+    verdict = expected["verdict"]
+    assert verdict["emergency"] is None
+    assert order[:3] == ["verdict", "durable", "chart"], order
+    shown_verdict = browser.text(browser.find("#verdict"))
+    for line in [*verdict["summary"], *verdict["notes"]]:
+        assert " ".join(line.split()) in " ".join(shown_verdict.split()), line
+    durable = browser.execute(
+        "return Array.from(document.querySelectorAll('#durable pre')).map(p => p.textContent);"
     )
-    assert shown == emergency
-    copy = browser.find("#emergency button.copy")
+    assert durable == [fix["text"] for fix in verdict["durable"]]
+    findings_sql = browser.execute(
+        "return Array.from(document.querySelectorAll('#findings pre')).map(p => p.textContent);"
+    )
+    for finding in expected["findings"]:  # every finding keeps its own SQL below
+        for fix in finding["fixes"]:
+            if fix["kind"] == EMERGENCY_SQL:
+                assert fix["text"] in findings_sql
+    copy = browser.find("#durable button.copy")
     browser.click(copy)
     deadline = time.monotonic() + 10  # the clipboard answers asynchronously
     while browser.text(copy) == "Copy" and time.monotonic() < deadline:

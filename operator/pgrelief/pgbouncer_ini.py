@@ -29,6 +29,7 @@ from typing import Literal, get_args
 __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_LISTEN_PORT",
+    "DRAINS_ON_SIGTERM",
     "OLDEST_VERSION",
     "POOL_MODES",
     "RESERVED_PGBOUNCER_KEYS",
@@ -58,6 +59,10 @@ OLDEST_VERSION: Version = (1, 18)
 # where SIGTERM waits for clients to finish (SHUTDOWN WAIT_FOR_CLIENTS).
 DEFAULT_IMAGE = "ghcr.io/cloudnative-pg/pgbouncer:1.24.1"
 DEFAULT_LISTEN_PORT = 6432
+# The first release whose SIGTERM drains (SHUTDOWN WAIT_FOR_CLIENTS). Before it, SIGTERM is an
+# immediate shutdown that cuts transactions in flight, and SIGINT the safe one (PAUSE, then
+# exit once every server connection is released).
+DRAINS_ON_SIGTERM: Version = (1, 23)
 
 # Settings PgBouncer only knows from a release on; an older one refuses to start on them.
 SETTING_SINCE: Mapping[str, Version] = {

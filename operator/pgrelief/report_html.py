@@ -146,17 +146,31 @@ def _form(pasted: str, *, collapsed: bool) -> str:
 
 def _report(diagnosis: Diagnosis) -> str:
     parts = [_verdict(diagnosis)]
-    emergency = [
-        (finding, fix)
-        for finding in diagnosis.findings
-        for fix in finding.fixes
-        if fix.kind == EMERGENCY_SQL
-    ]
-    if emergency:
-        parts.append('<section id="emergency"><h2>Emergency SQL (run now, as a superuser)</h2>')
-        for number, (finding, fix) in enumerate(emergency, start=1):
-            parts.append(_code_fix(fix, f"emergency-{number}", f"{finding.kind}: "))
-        parts.append("</section>")
+    verdict = diagnosis.verdict
+    if verdict is not None:
+        # The verdict's one statement, as the text report leads with it; every finding's own
+        # SQL stays with the finding below.
+        if verdict.emergency is not None:
+            parts.append('<section id="emergency"><h2>Run now (as a superuser)</h2>')
+            parts.append(_code_fix(verdict.emergency, "emergency-1"))
+            parts.append("</section>")
+        if verdict.durable:
+            parts.append('<section id="durable"><h2>So that it does not happen again</h2>')
+            for number, fix in enumerate(verdict.durable, start=1):
+                parts.append(_code_fix(fix, f"durable-{number}"))
+            parts.append("</section>")
+    else:  # a partial diagnosis (the triage queries): each finding's emergency SQL
+        emergency = [
+            (finding, fix)
+            for finding in diagnosis.findings
+            for fix in finding.fixes
+            if fix.kind == EMERGENCY_SQL
+        ]
+        if emergency:
+            parts.append('<section id="emergency"><h2>Emergency SQL (run now, as a superuser)</h2>')
+            for number, (finding, fix) in enumerate(emergency, start=1):
+                parts.append(_code_fix(fix, f"emergency-{number}", f"{finding.kind}: "))
+            parts.append("</section>")
     if diagnosis.server is not None:
         parts.append(_chart(diagnosis))
         parts.append(_breakdowns(diagnosis))
@@ -200,8 +214,15 @@ def _verdict(diagnosis: Diagnosis) -> str:
             )
         states = ", ".join(f"{escape(s)}: {n}" for s, n in totals.by_state.items())
         parts.append(f"<p>by state: {states or 'no client sessions'}</p>")
+    verdict = diagnosis.verdict
+    if verdict is not None:
+        first, *rest = verdict.summary
+        parts.append(f'<p id="verdict-summary"><b>{escape(first)}</b></p>')
+        if rest:
+            parts.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in rest) + "</ul>")
+        parts.extend(f'<p class="note">{escape(note)}</p>' for note in verdict.notes)
     top = next(iter(diagnosis.findings), None)
-    if top is not None:
+    if verdict is None and top is not None:
         parts.append(
             f"<p><b>{escape(top.severity.finding_label.upper())}</b> "
             f"{escape(top.kind)}: {escape(top.summary)}</p>"

@@ -18,6 +18,7 @@ machine with the snapshot taken before the start: exit code 1 if anything differ
     python3 tests/e2e-cluster/cluster.py stop  [--run-dir DIR] [--keep-logs DIR]
     python3 tests/e2e-cluster/cluster.py status [--run-dir DIR]
     python3 tests/e2e-cluster/cluster.py image CONTEXT NAME [--build-arg K=V]  # build + import
+        [--pip-wheelhouse DIR]                               # pip in RUN steps: offline
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ from typing import Any
 import config
 import hostcheck
 import images
-from cgroups import cgroup_hierarchies, create_cgroups, remove_cgroups
+from cgroups import (
+    cgroup_hierarchies,
+    create_cgroups,
+    new_cgroup_name,
+    remove_cgroups,
+    sweep_stale_cgroups,
+)
 
 HERE = Path(__file__).resolve().parent
 APT_PACKAGES = {  # program -> Debian package
@@ -245,11 +252,21 @@ def start(run_dir: Path) -> dict[str, Any]:
                 raise ClusterError(f"a cluster is already running from {run_dir}: stop it first")
             log("cleaning up after a previous run that was not stopped")
             stop_locked(run_dir, keep_logs=None)
+        swept, unswept = sweep_stale_cgroups()
+        for path in swept:
+            log(f"removed the cgroup tree a killed run left: {path}")
+        if unswept:
+            raise ClusterError(f"cgroups a killed run left could not be removed: {unswept}")
         run_dir.mkdir(parents=True)
         (run_dir / "logs").mkdir()
         hostcheck_file = run_dir / "host-before.json"
         hostcheck_file.write_text(json.dumps(hostcheck.snapshot()))
-        state = {"run_dir": str(run_dir), "cgroups": [], "host_before": str(hostcheck_file)}
+        state = {
+            "run_dir": str(run_dir),
+            "cgroup_name": new_cgroup_name(),
+            "cgroups": [],
+            "host_before": str(hostcheck_file),
+        }
         save_state(run_dir, state)
         try:
             return _start_locked(run_dir, state, bin_dir, built, timings)
@@ -283,7 +300,7 @@ def _start_locked(
         state["cgroups"].append(str(path))
         save_state(run_dir, state)
 
-    cgroups = create_cgroups(record)
+    cgroups = create_cgroups(state["cgroup_name"], record)
 
     # The shell joins the node's cgroups, then becomes unshare: the new cgroup namespace is
     # rooted there, and so is everything started inside.
@@ -431,7 +448,7 @@ def stop_locked(run_dir: Path, keep_logs: Path | None) -> int:
     if before is None:
         log("no snapshot from before the start: nothing to compare with")
         return 1 if left else 0
-    diffs, noise = hostcheck.compare(before, hostcheck.snapshot())
+    diffs, noise = hostcheck.compare(before, hostcheck.snapshot(), state.get("cgroup_name"))
     for line in noise:
         log(f"(not ours) {line}")
     for line in diffs:
@@ -446,16 +463,22 @@ def _reap(pid: int) -> None:
 
 
 def build_and_import(
-    run_dir: Path, context: Path, short_name: str, build_args: dict[str, str]
+    run_dir: Path,
+    context: Path,
+    short_name: str,
+    build_args: dict[str, str],
+    wheelhouse: Path | None = None,
 ) -> images.Image:
     """Build a Dockerfile here (FROM the local base by default: ``BASE_IMAGE``) and load it
-    into the running cluster's containerd: the hook for the project's own Dockerfile."""
+    into the running cluster's containerd: the hook for the project's own Dockerfile, whose
+    ``pip install`` runs offline from ``wheelhouse`` when one is given."""
     state = load_state(run_dir.resolve())
     if state is None or not _alive(state.get("init_pid"), state.get("init_start")):
         raise ClusterError(f"no cluster running from {run_dir}")
     b = images.builder(build_binaries())
     b.base()
-    image = b.build_dockerfile(context, short_name, build_args=build_args)
+    volumes = images.offline_pip(wheelhouse, b.root) if wheelhouse else None
+    image = b.build_dockerfile(context, short_name, build_args=build_args, volumes=volumes)
     import_images(run_dir.resolve(), {short_name: image})
     return image
 
@@ -472,6 +495,9 @@ def main(argv: list[str]) -> int:
             cmd.add_argument("context", type=Path, help="directory with the Dockerfile")
             cmd.add_argument("name", help="the image becomes localhost/pgrelief/NAME:e2e")
             cmd.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
+            cmd.add_argument(
+                "--pip-wheelhouse", type=Path, help="RUN steps' pip installs from here only"
+            )
     args = parser.parse_args(argv)
     # A SIGTERM to a start in progress unwinds like Ctrl-C: the half-started node is undone.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
@@ -481,8 +507,11 @@ def main(argv: list[str]) -> int:
             return 0
         if args.command == "image":
             extra = dict(kv.split("=", 1) for kv in args.build_arg)
-            image = build_and_import(args.run_dir, args.context, args.name, extra)
-            print(json.dumps({"name": image.name, "archive": str(image.archive)}))
+            image = build_and_import(
+                args.run_dir, args.context, args.name, extra, args.pip_wheelhouse
+            )
+            built = {"name": image.name, "archive": str(image.archive), "seconds": image.seconds}
+            print(json.dumps(built))
             return 0
         if args.command == "stop":
             return stop(args.run_dir, args.keep_logs)

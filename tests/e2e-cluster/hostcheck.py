@@ -61,8 +61,8 @@ WATCHED_PATHS = (
     "/usr/sbin/policy-rc.d",
 )
 HASHED_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/hostname")
-# Cgroup names a kubelet, containerd or runc creates, and the e2e cluster's own root.
-NODE_CGROUP_NAMES = ("pgrelief-e2e", "kubepods", "k8s.io", "besteffort", "burstable")
+# Cgroup names a kubelet, containerd or runc creates (under the run's own root, named per run).
+NODE_CGROUP_NAMES = ("kubepods", "k8s.io", "besteffort", "burstable")
 NODE_PROCESSES = (
     "etcd",
     "kube-apiserver",
@@ -191,15 +191,25 @@ def snapshot() -> dict[str, Any]:
     }
 
 
-def _is_node_cgroup(path: str) -> bool:
+def _is_node_cgroup(path: str, run_cgroup: str | None) -> bool:
+    """Whether this run's node made the cgroup. With the run's root name known, only its tree
+    counts: another run's node on the same kernel (a CI job next to a developer) is not ours."""
+    parts = Path(path).parts
+    if run_cgroup is not None:
+        return run_cgroup in parts
     return any(
-        part in NODE_CGROUP_NAMES or part.startswith(("pod", "cri-containerd"))
-        for part in Path(path).parts
+        part.startswith("pgrelief-e2e")
+        or part in NODE_CGROUP_NAMES
+        or part.startswith(("pod", "cri-containerd"))
+        for part in parts
     )
 
 
-def compare(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(differences a node could have caused, other differences seen on the shared machine)."""
+def compare(
+    before: dict[str, Any], after: dict[str, Any], run_cgroup: str | None = None
+) -> tuple[list[str], list[str]]:
+    """(differences a node could have caused, other differences seen on the shared machine).
+    ``run_cgroup`` is the run's cgroup root name (None: any e2e or kubelet cgroup counts)."""
     diffs: list[str] = []
     noise: list[str] = []
     for key in sorted(set(before["sysctls"]) | set(after["sysctls"])):
@@ -219,9 +229,9 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], l
     diffs += [f"iptables rule added: {r}" for r in new_rules if r not in old_rules]
     diffs += [f"iptables rule removed: {r}" for r in old_rules if r not in new_rules]
     for path in sorted(set(after["cgroups"]) - set(before["cgroups"])):
-        (diffs if _is_node_cgroup(path) else noise).append(f"cgroup added: {path}")
+        (diffs if _is_node_cgroup(path, run_cgroup) else noise).append(f"cgroup added: {path}")
     for path in sorted(set(before["cgroups"]) - set(after["cgroups"])):
-        (diffs if _is_node_cgroup(path) else noise).append(f"cgroup removed: {path}")
+        (diffs if _is_node_cgroup(path, run_cgroup) else noise).append(f"cgroup removed: {path}")
     for path, old_list in before["paths"].items():
         new_list = after["paths"].get(path)
         if old_list != new_list:

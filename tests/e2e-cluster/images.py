@@ -23,11 +23,13 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,11 +246,15 @@ class Builder:
         *,
         dockerfile: Path | None = None,
         build_args: dict[str, str] | None = None,
+        volumes: dict[str, Path] | None = None,
     ) -> Image:
         """Build ``context`` (its Dockerfile, or ``dockerfile``) as localhost/pgrelief/NAME:e2e.
 
         Never pulls: a FROM must name ``scratch`` or an image already built here, such as
-        ``image_name("base")`` (pass it as a build argument, e.g. BASE_IMAGE).
+        ``image_name("base")`` (pass it as a build argument, e.g. BASE_IMAGE). ``volumes``
+        (path in the build -> file or directory here) are bind-mounted read-only into every
+        RUN step and never land in the image: a wheelhouse and a pip.conf pointing at it let
+        a Dockerfile's ``pip install`` run offline, unchanged.
         """
         dockerfile = dockerfile or context / "Dockerfile"
         args = {"BASE_IMAGE": image_name("base"), **(build_args or {})}
@@ -259,12 +265,14 @@ class Builder:
         missing = [b for b in bases if b not in self.built]
         if missing:
             raise ImageError(f"build {', '.join(missing)} before {name}")
+        mounts = sorted((volumes or {}).items())
         key = _digest(
             BUILD_VERSION,
             json.dumps(args, sort_keys=True),
             dockerfile.read_bytes(),
             _tree_digest(context),
             *(self.built[b].archive.name for b in bases),
+            *(f"{target}={_tree_digest(source)}" for target, source in mounts),
         )
         archive = self.archives / f"{short_name}-{key}.tar"
         if archive.exists():
@@ -285,6 +293,7 @@ class Builder:
             "-f",
             str(dockerfile),
             *build_arg_flags,
+            *(f"--volume={source}:{target}:ro" for target, source in mounts),
             "-t",
             name,
             str(context),
@@ -307,6 +316,17 @@ class Builder:
         return images
 
 
+def offline_pip(wheelhouse: Path, conf_dir: Path) -> dict[str, Path]:
+    """Volumes for ``build_dockerfile`` that make every ``pip`` of a RUN step install from
+    ``wheelhouse`` only (scripts/wheelhouse.sh fills it): the directory, and a pip.conf with
+    ``no-index`` at /etc/pip.conf, which pip reads in and out of a virtualenv."""
+    if not any(wheelhouse.glob("*.whl")):
+        raise ImageError(f"no wheels in {wheelhouse}: run scripts/wheelhouse.sh {wheelhouse}")
+    conf = conf_dir / "pip-offline.conf"
+    conf.write_text("[global]\nno-index = true\nfind-links = /wheelhouse\n")
+    return {"/wheelhouse": wheelhouse, "/etc/pip.conf": conf}
+
+
 def _digest(*parts: str | bytes) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -316,11 +336,73 @@ def _digest(*parts: str | bytes) -> str:
 
 
 def _tree_digest(root: Path) -> str:
+    """What a build can see of ``root``: a file's content, or a directory's files and their
+    contents, without what its .dockerignore keeps out of the build (a repository's .git,
+    caches and tests must not rebuild an image that never sees them)."""
+    if root.is_file():
+        return hashlib.sha256(root.read_bytes()).hexdigest()
+    ignored = dockerignore(root)
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
+        relative = path.relative_to(root).as_posix()
+        if ignored(relative):
+            continue
+        h.update(relative.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def dockerignore(root: Path) -> Callable[[str], bool]:
+    """Whether ``root``'s .dockerignore keeps a (relative, /-separated) path out of the build.
+
+    The rules of Docker's matcher: the last pattern that matches the path or one of its parent
+    directories decides, ``!`` re-includes, ``*`` and ``?`` stay within one path segment and
+    ``**`` spans any number of them.
+    """
+    try:
+        lines = (root / ".dockerignore").read_text().splitlines()
+    except FileNotFoundError:
+        return lambda _path: False
+    rules: list[tuple[bool, re.Pattern[str]]] = []
+    for line in lines:
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        include = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip().strip("/")
+        rules.append((include, re.compile(_glob_regex(pattern))))
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        verdict = False
+        for include, rule in rules:
+            if any(rule.fullmatch(c) for c in candidates):
+                verdict = not include
+        return verdict
+
+    return ignored
+
+
+def _glob_regex(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
 
 
 def builder(bin_dir: Path) -> Builder:

@@ -194,3 +194,22 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+PAUSED_LOG = "Pausing operations in favour of"
+
+
+def wait_peered(kube: KubeApiServer, namespace: str, replicas: list[OperatorProcess]) -> None:
+    """Until every replica keeps an entry in the KopfPeering object and one has paused for a
+    higher priority: a fixed sleep lost this race on a loaded machine (the second replica had
+    not joined when the first one acted alone)."""
+
+    def peered() -> bool:
+        peering = json.loads(
+            kube.kubectl("get", "kopfpeering", "pgrelief", "-n", namespace, "-o", "json").stdout
+        )
+        joined = len(peering.get("status", {})) == len(replicas)
+        return joined and any(PAUSED_LOG in replica.logs() for replica in replicas)
+
+    # Two operators starting at once take long on a loaded 2-core machine.
+    wait_until("every replica peered, the lower priorities paused", peered, timeout=120)

@@ -27,6 +27,7 @@ from tests.fixtures.postgres import SessionFactory
 from tests.kube.chart import ChartOperator, Release, find, installed, operator_args, render
 from tests.kube.operator_harness import (
     CRD_FILES,
+    PAUSED_LOG,
     apply,
     condition,
     events,
@@ -34,6 +35,7 @@ from tests.kube.operator_harness import (
     policy_manifest,
     secret_manifest,
     wait_condition,
+    wait_peered,
     wait_until,
 )
 from tests.kube.promql import Exported, problems
@@ -233,7 +235,7 @@ def test_two_replicas_peer_under_the_chart_rbac(
     kube, ns = chart.kube, chart.namespace
     kube.kubectl("get", "kopfpeering", "pgrelief", "-n", ns)
     replicas = [chart.operator(), chart.operator()]
-    time.sleep(5)  # both see each other in the peering object; the lower priority pauses
+    wait_peered(kube, ns, list(replicas))
     leaked = _leak(sessions, 4)
     apply(kube, policy_manifest("peered", ns, host=pg_server.host, port=pg_server.port))
     wait_until("the leaked sessions to be gone", lambda: not alive(sessions.admin, leaked))
@@ -360,7 +362,7 @@ def test_a_replica_paused_by_peering_stops_exporting_the_policy(
     second = chart.operator("--priority=100")
     wait_until("the second replica's series", lambda: series in _scrape(second), timeout=60)
     wait_until("the paused replica to drop its series", lambda: series not in first.metrics())
-    assert "Pausing operations in favour of" in first.logs()
+    assert PAUSED_LOG in first.logs()
     _no_refusals(first, second)
 
 

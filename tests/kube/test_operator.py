@@ -32,6 +32,7 @@ from tests.kube.operator_harness import (
     policy_manifest,
     secret_manifest,
     wait_condition,
+    wait_peered,
     wait_until,
 )
 from tests.runs import alive
@@ -334,7 +335,7 @@ def test_two_replicas_peer_and_exactly_one_acts(
                            "metadata": {"name": "pgrelief", "namespace": ns}})  # fmt: skip
     replicas = [OperatorProcess(kube_apiserver, ns, tmp_path).start() for _ in range(2)]
     try:
-        time.sleep(5)  # both see each other in the peering object; the lower priority pauses
+        wait_peered(kube_apiserver, ns, replicas)
         leaked = _leak(sessions, 4)
         apply(
             kube_apiserver, policy_manifest("peered", ns, host=pg_server.host, port=pg_server.port)

@@ -298,6 +298,12 @@ class LocalPgBouncer:
             raise PgBouncerError("pgbouncer is not started")
         return self._process.wait(timeout)
 
+    def terminate(self) -> None:
+        """SIGTERM to the pod's command, as the kubelet stops a container (``wait_exit``)."""
+        if self._process is None:
+            raise PgBouncerError("pgbouncer is not started")
+        self._process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:

@@ -40,7 +40,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
         # The kubernetes client reads $KUBECONFIG at import time; kopf's reader reads it now.
         if os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser().exists():
             return kopf.login_with_kubeconfig(**kwargs)
-        return kopf.login_with_service_account(**kwargs)
+        # In a pod: the API server at $KUBERNETES_SERVICE_HOST, as controller.kube's client
+        # finds it. kopf's login_with_service_account dials https://kubernetes.default.svc,
+        # so without cluster DNS (CoreDNS down in an incident) kopf would see no policy at all.
+        return kopf.login_via_client(**kwargs)
 
     @kopf.daemon(
         API_GROUP,

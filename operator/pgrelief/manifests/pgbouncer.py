@@ -10,7 +10,8 @@ The pod runs as the image's non-root user with a read-only root file system, eve
 dropped and RuntimeDefault seccomp. Its template carries the ini's checksum, so a changed
 config rolls the pods, one at a time and never below the wanted replicas (``maxUnavailable:
 0``); a stopping pod first leaves the Service's endpoints (preStop), then PgBouncer gets
-SIGTERM and lets its clients finish within ``terminationGracePeriodSeconds``.
+SIGTERM and lets its clients finish within ``terminationGracePeriodSeconds`` (before 1.23 the
+start script turns SIGTERM into PgBouncer's safe shutdown: ``start_script``).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def desired_pgbouncer(
         return NotApplied(CONFIG_INVALID, f"PgBouncer not applied: {invalid}", budget)
     return PgBouncerObjects(
         config_map=build_config_map(owner, ini),
-        deployment=build_deployment(owner, spec, ini, budget, image),
+        deployment=build_deployment(owner, spec, ini, budget, image, version),
         service=build_service(owner),
         pod_disruption_budget=build_pod_disruption_budget(owner),
         budget=budget,
@@ -270,7 +271,12 @@ def _volumes(owner: Owner, spec: ConnectionPolicySpec) -> list[dict[str, Any]]:
 
 
 def build_deployment(
-    owner: Owner, spec: ConnectionPolicySpec, ini: str, budget: PoolBudget, image: str
+    owner: Owner,
+    spec: ConnectionPolicySpec,
+    ini: str,
+    budget: PoolBudget,
+    image: str,
+    version: Version,
 ) -> Manifest:
     pgbouncer = spec.pgbouncer
     query = pgbouncer.auth.auth_query
@@ -293,7 +299,11 @@ def build_deployment(
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["/bin/sh", "-c", start_script(budget, auth_query=query is not None)],
+        "command": [
+            "/bin/sh",
+            "-c",
+            start_script(budget, auth_query=query is not None, version=version),
+        ],
         "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_LISTEN_PORT, "protocol": "TCP"}],
         "env": env,
         "readinessProbe": {

@@ -10,7 +10,10 @@ spec cannot say: raising the open-files soft limit to what the ini needs (PgBoun
 raise it itself; with a 1024 soft limit and max_client_conn 2000 it logs ``accept() failed: Too
 many open files`` and clients hang), and writing the lookup role's userlist line from the
 Secret into a memory volume. It ends in ``exec pgbouncer`` so PgBouncer is PID 1 and receives
-SIGTERM itself (1.23+: SHUTDOWN WAIT_FOR_CLIENTS).
+SIGTERM itself (1.23+: SHUTDOWN WAIT_FOR_CLIENTS). An older PgBouncer takes SIGTERM as an
+immediate shutdown, which cuts the transactions of clients that hold a connection while the
+pods roll; for it the shell stays PID 1 and turns the kubelet's SIGTERM into SIGINT, the safe
+shutdown (transactions in flight finish, then PgBouncer exits).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pgrelief.pgbouncer_auth import auth_databases, auth_query_text
 from pgrelief.pgbouncer_ini import (
     DEFAULT_LISTEN_PORT,
+    DRAINS_ON_SIGTERM,
     SETTING_SINCE,
     IniAuth,
     Version,
@@ -151,8 +155,9 @@ def render_ini(spec: ConnectionPolicySpec, budget: PoolBudget, version: Version)
     )
 
 
-def start_script(budget: PoolBudget, *, auth_query: bool) -> str:
-    """The container's ``sh -c`` program: open-files limit, lookup userlist, ``exec pgbouncer``.
+def start_script(budget: PoolBudget, *, auth_query: bool, version: Version) -> str:
+    """The container's ``sh -c`` program: open-files limit, lookup userlist, then PgBouncer
+    (``exec``, or as the shell's child that gets SIGINT for SIGTERM before ``DRAINS_ON_SIGTERM``).
 
     The soft limit is raised to what the config needs; a lower hard limit cannot be raised
     from inside the pod, so the script stops with the reason instead of letting PgBouncer
@@ -185,5 +190,17 @@ def start_script(budget: PoolBudget, *, auth_query: bool) -> str:
             f'printf \'"%s" "%s"\\n\' "$(q "${AUTH_USER_ENV}")" "$(q "${AUTH_PASSWORD_ENV}")" '
             f"> {RUN_DIR}/{USERLIST_FILE}",
         ]
-    lines.append(f"exec pgbouncer {shlex.quote(CONFIG_DIR + '/' + INI_KEY)}")
+    run = f"pgbouncer {shlex.quote(CONFIG_DIR + '/' + INI_KEY)}"
+    if version >= DRAINS_ON_SIGTERM:
+        lines.append(f"exec {run}")
+    else:
+        # `wait` returns early when a trapped signal arrives: wait again until PgBouncer is gone.
+        lines += [
+            f"{run} &",
+            "pid=$!",
+            "trap 'kill -INT \"$pid\"' INT TERM",
+            "status=0",
+            'while kill -0 "$pid" 2>/dev/null; do wait "$pid" && status=0 || status=$?; done',
+            'exit "$status"',
+        ]
     return "\n".join(lines) + "\n"
