@@ -10,10 +10,13 @@ the reserved slots that let it back in when everything else is taken.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -94,6 +97,61 @@ class Lifeline:
         return f"role {self.role!r} cannot use any reserved slot when the server is full"
 
 
+class _Watchdog:
+    """One thread that runs every connection's deadline, however many connections there are.
+
+    Every cycle arms a deadline and disarms it milliseconds later. A ``threading.Timer`` per
+    cycle is a thread started (and waited for) per cycle: at the operator's 100 cycles a second
+    that was the largest cost of a cycle after the cycle's own work. Disarmed deadlines are
+    dropped lazily, all at once, when the thread next wakes.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._due: list[tuple[float, int]] = []  # a heap of (time.monotonic(), token)
+        self._actions: dict[int, Callable[[], None]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, seconds: float, action: Callable[[], None]) -> int:
+        """Run ``action`` on the watchdog's thread in ``seconds``, unless cancelled first."""
+        with self._changed:
+            token = next(self._tokens)
+            self._actions[token] = action
+            heapq.heappush(self._due, (time.monotonic() + seconds, token))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="pgrelief-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._due[0][1] == token:
+                self._changed.notify()
+            return token
+
+    def cancel(self, token: int) -> None:
+        with self._changed:
+            self._actions.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    while self._due and self._due[0][1] not in self._actions:
+                        heapq.heappop(self._due)
+                    left = self._due[0][0] - time.monotonic() if self._due else None
+                    if left is not None and left <= 0:
+                        break
+                    self._changed.wait(left)
+                action = self._actions.pop(heapq.heappop(self._due)[1])
+            try:
+                action()
+            except Exception:  # a deadline that cannot cut must not stop the others
+                log.exception("a connection deadline failed")
+
+
+_WATCHDOG = _Watchdog()
+
+
 class ManagedConnection:
     """The persistent autocommit connection, reopened with exponential backoff when lost."""
 
@@ -116,7 +174,7 @@ class ManagedConnection:
         self.lifeline: Lifeline | None = None
         self._guard = threading.Lock()
         self._armed = False
-        self._timer: threading.Timer | None = None
+        self._timer: int | None = None  # the watchdog's token for the armed deadline
         self.expired = 0  # deadlines that had to cut the connection
 
     def get(self) -> psycopg.Connection[tuple[object, ...]]:
@@ -186,7 +244,7 @@ class ManagedConnection:
             with self._guard:
                 self._armed = False
                 if self._timer is not None:
-                    self._timer.cancel()
+                    _WATCHDOG.cancel(self._timer)
                     self._timer = None
 
     def expire_within(self, seconds: float) -> None:
@@ -197,10 +255,8 @@ class ManagedConnection:
 
     def _arm(self, seconds: float) -> None:
         if self._timer is not None:
-            self._timer.cancel()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+            _WATCHDOG.cancel(self._timer)
+        self._timer = _WATCHDOG.schedule(seconds, self._expire)
 
     def _expire(self) -> None:
         with self._guard:

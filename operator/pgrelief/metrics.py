@@ -20,6 +20,7 @@ POLICY_LABELS = ("namespace", "policy")
 CYCLE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WORKLOAD_LABELS = ("workload_namespace", "workload_kind", "workload")
 WORKLOAD_SERIES = 20  # workloads exported per policy (the biggest holders): bounded cardinality
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class OperatorMetrics:
@@ -76,6 +77,15 @@ class OperatorMetrics:
             labels,
             namespace=NAMESPACE,
             buckets=CYCLE_BUCKETS,
+            registry=self.registry,
+        )
+        # One series for the process, not per policy: a cycle starts late because the shared
+        # pool or the event loop is saturated, which is the operator's state, not a policy's.
+        self.cycle_lag = Histogram(
+            "cycle_lag_seconds",
+            "How late a cycle started behind its schedule (pool queueing, a busy event loop).",
+            namespace=NAMESPACE,
+            buckets=LAG_BUCKETS,
             registry=self.registry,
         )
         self.cycle_failures = Counter(

@@ -146,6 +146,8 @@ class OperatorProcess:
     kubeconfig: Path | None = None
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # Added to the environment (bench/operator_scale.py runs an older tree by its PYTHONPATH).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def audit_file(self) -> Path:
@@ -156,7 +158,8 @@ class OperatorProcess:
         return self.work_dir / f"operator-{self.metrics_port}.log"
 
     def start(self) -> OperatorProcess:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig or self.kube.kubeconfig)}
+        kubeconfig = str(self.kubeconfig or self.kube.kubeconfig)
+        env = {**os.environ, **self.env, "KUBECONFIG": kubeconfig}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pgrelief", "operator", "--namespace", self.namespace,
              "--metrics-port", str(self.metrics_port), *self.args],

@@ -1,6 +1,7 @@
 """kopf wiring, nothing else: which handler reacts to what, and whom it hands the work to.
 
 - ``relieve`` (daemon): one ``PolicyWorker`` per ConnectionPolicy for as long as it exists;
+- ``noticed`` (every watch event, nothing persisted): wakes that worker for a new spec;
 - ``release`` (deletion, behind pgrelief's finalizer): ``onDelete: Revert``, bounded retries.
 """
 
@@ -66,6 +67,14 @@ def register(registry: kopf.OperatorRegistry) -> None:
                 # none) speaks for the policy now, and alerts take the max over replicas.
                 context.metrics.forget(worker.key)
 
+    @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
+    async def noticed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # kopf has already put this event's body under the daemon: only the wake-up is ours.
+        context: OperatorContext = memo.context
+        worker = context.workers.get((body.metadata.namespace or "", body.metadata.name or ""))
+        if worker is not None:
+            worker.notice(body.metadata.get("generation"))
+
     for group, version, plural, kind in MANAGED:
         _watch_managed(registry, group, version, plural, kind)
 
@@ -130,4 +139,4 @@ def _watch_managed(
         if worker is None:
             return
         worker.pgbouncer.observed(kind, None if type == "DELETED" else body)
-        worker.nudged = True
+        worker.nudge()
