@@ -197,19 +197,38 @@ class OperatorProcess:
 
 
 PAUSED_LOG = "Pausing operations in favour of"
+RESUMED_LOG = "Resuming operations after the pause"
+
+
+def acting_replicas(replicas: list[OperatorProcess]) -> list[OperatorProcess]:
+    """The replicas whose peering says they act now. kopf starts a peering replica paused and
+    logs only changes: "Resuming" once it sees no higher priority, "Pausing" when one appears.
+    A replica that starts when a higher priority is already there stays paused silently."""
+
+    def acting(replica: OperatorProcess) -> bool:
+        logs = replica.logs()
+        return logs.rfind(RESUMED_LOG) > logs.rfind(PAUSED_LOG)
+
+    return [replica for replica in replicas if acting(replica)]
 
 
 def wait_peered(kube: KubeApiServer, namespace: str, replicas: list[OperatorProcess]) -> None:
-    """Until every replica keeps an entry in the KopfPeering object and one has paused for a
-    higher priority: a fixed sleep lost this race on a loaded machine (the second replica had
-    not joined when the first one acted alone)."""
+    """Until every replica keeps an entry in the KopfPeering object and exactly one acts: a
+    fixed sleep lost this race on a loaded machine (the second replica had not joined when
+    the first one acted alone)."""
+    status: dict[str, Any] = {}
 
     def peered() -> bool:
+        nonlocal status
         peering = json.loads(
             kube.kubectl("get", "kopfpeering", "pgrelief", "-n", namespace, "-o", "json").stdout
         )
-        joined = len(peering.get("status", {})) == len(replicas)
-        return joined and any(PAUSED_LOG in replica.logs() for replica in replicas)
+        status = peering.get("status", {})
+        return len(status) == len(replicas) and len(acting_replicas(replicas)) == 1
 
-    # Two operators starting at once take long on a loaded 2-core machine.
-    wait_until("every replica peered, the lower priorities paused", peered, timeout=120)
+    try:
+        # Two operators starting at once take long on a loaded 2-core machine.
+        wait_until("every replica peered, exactly one acting", peered, timeout=120)
+    except AssertionError as timed_out:
+        logs = "\n---\n".join(replica.logs()[-3000:] for replica in replicas)
+        raise AssertionError(f"{timed_out}; peering status {status}; logs:\n{logs}") from None
