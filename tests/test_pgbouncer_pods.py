@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from pgrelief.pgbouncer_auth import (
 )
 from pgrelief.pgbouncer_ini import format_version, pgbouncer_ini
 from pgrelief.policy import AuthQuerySpec, ConnectionPolicySpec, validate_spec
+from pgrelief.pooler_console import console_conninfo, open_console, read_console
 from tests.fixtures.pgbouncer import AUTH_SECRET, PooledServer
 
 pytestmark = pytest.mark.pgbouncer
@@ -159,7 +161,8 @@ def test_1900_clients_in_transaction_mode_all_succeed_within_the_computed_pool(
     pod = pgbouncer_pod(
         objects.config_map, objects.deployment, secrets=pooled.secrets(), nofile=(1024, HARD_NOFILE)
     )
-    with pooled.sampler() as sampler:
+    console = console_conninfo("127.0.0.1", pod.port, pooled.auth_role, pooled.auth_password)
+    with pooled.sampler() as sampler, PoolerServers(console) as pooler:
         run = pooled.pgbench(
             ["-n", "-c", str(CLIENTS), "-j", "2", "-S", "-t", "5"], port=pod.port, clients=CLIENTS
         )
@@ -170,9 +173,14 @@ def test_1900_clients_in_transaction_mode_all_succeed_within_the_computed_pool(
     log = pod.log()
     assert f"kernel file descriptor limit: {budget.open_files} (hard: {HARD_NOFILE})" in log
     assert "Too many open files" not in log
-    # Never above the computed pool, and the pool was really used.
-    assert sampler.samples > 10
-    assert 0 < sampler.peak <= budget.server_connections <= budget.budget
+    # PgBouncer never opened more server connections than the computed pool, and the pool was
+    # really used. PostgreSQL's own count stays within the slots left for the pooler: it may
+    # show one more for a moment (one full-suite run saw 37 for a pool of 36), a server login
+    # PgBouncer gave up on under load or a backend still exiting after PgBouncer closed it.
+    print(f"peak server connections: PgBouncer {pooler.peak}, PostgreSQL {sampler.peak}")
+    assert sampler.samples > 10 and pooler.samples > 10
+    assert 0 < pooler.peak <= budget.server_connections <= budget.budget
+    assert 0 < sampler.peak <= budget.budget
 
 
 def test_the_seed_ini_runs_out_of_descriptors_under_a_1024_limit(
@@ -393,3 +401,38 @@ def _no_leftover_backends(pooled_server: PooledServer) -> Iterator[None]:
             if row is not None and row[0] == 0:
                 return
             time.sleep(0.02)
+
+
+class PoolerServers:
+    """The most server connections PgBouncer held at once (SHOW SERVERS on its admin console,
+    as the stats user the generated config names), sampled while a load runs."""
+
+    def __init__(self, conninfo: str, every: float = 0.01) -> None:
+        self.conninfo = conninfo
+        self.every = every
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pooler-sampler", daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            with open_console(self.conninfo) as conn:
+                while not self._stop.is_set():
+                    _, servers, _ = read_console(conn)
+                    self.peak = max(self.peak, len(servers))
+                    self.samples += 1
+                    time.sleep(self.every)
+        except BaseException as failure:  # reported by __exit__, never lost in the thread
+            self._error = failure
+
+    def __enter__(self) -> PoolerServers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self._error is not None:
+            raise self._error
