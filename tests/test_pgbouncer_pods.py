@@ -8,11 +8,13 @@ the listening address and port differ (loopback, a free port). The server has ma
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -145,6 +147,42 @@ def _login(port: int, password: str, *, user: str = "app", dbname: str = "appdb"
         row = conn.execute("select current_user").fetchone()
         assert row is not None
         return str(row[0])
+
+
+def test_a_stopped_pod_leaves_no_pgbouncer_behind_while_a_client_holds_a_transaction(
+    auth_function: PooledServer, pgbouncer_pod: StartPod
+) -> None:
+    """The 1.18 pod's command is a shell with pgbouncer as its child, and its safe shutdown
+    waits for open transactions: a stop that killed the shell alone left pgbouncer running
+    for as long as a client held on (full-suite runs left a dozen behind)."""
+    pooled = auth_function
+    objects = _objects(pooled, _spec(pooled))
+    pod = pgbouncer_pod(objects.config_map, objects.deployment, secrets=pooled.secrets())
+    group = pod.process_group
+    client = psycopg.connect(
+        host="127.0.0.1", port=pod.port, user="app", password=pooled.app_password,
+        dbname=pooled.database, connect_timeout=10,
+    )  # fmt: skip
+    try:
+        client.execute("select 1")  # the transaction stays open: the safe shutdown waits
+        pod.stop()
+        deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+        while _alive_in_group(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive_in_group(group) == []  # nothing of the pod is left running
+    finally:
+        client.close()
+
+
+def _alive_in_group(group: int) -> list[str]:
+    """The processes of a process group that still run (zombies awaiting their reaper aside)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(stat.parent.name)
+    return alive
 
 
 # --- 1,900 clients ----------------------------------------------------------------------------

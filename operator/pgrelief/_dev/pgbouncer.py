@@ -207,6 +207,13 @@ class LocalPgBouncer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def process_group(self) -> int:
+        """The pod's process group: its command and whatever that started (a session of its own)."""
+        if self._process is None:
+            raise PgBouncerError("pgbouncer is not started")
+        return self._process.pid
+
     def start(self, *, wait: bool = True) -> Self:
         user = pwd.getpwnam(RUN_AS)
         self._base = Path(tempfile.mkdtemp(prefix="pgrelief-pgbouncer-"))
@@ -310,14 +317,18 @@ class LocalPgBouncer:
         self._process.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
+        """Safe shutdown, then SIGKILL to the whole process group: before 1.23 the pod's
+        command is a shell with pgbouncer as its child, and killing the shell alone left
+        pgbouncer running (a client's open transaction holds its safe shutdown forever)."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)  # 1.18: safe shutdown; the pod gets SIGTERM
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)  # 1.18: safe shutdown; the pod gets SIGTERM
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
