@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.fixtures.e2e import E2ECluster, NetnsPostgres
+from tests.fixtures.e2e import E2ECluster, NetnsPostgres, deployment
 from tests.kube.chart import CHART, helm
 
 T = TypeVar("T")
@@ -220,30 +220,7 @@ def leaky_deployment(
         "print('leaking backend', c.info.backend_pid, flush=True)\n"
         "time.sleep(10**6)\n"
     )
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "containers": [
-                        {
-                            "name": "app",
-                            "image": image,
-                            "imagePullPolicy": "Never",
-                            "command": ["python3", "-c", code],
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return deployment(name, image, replicas, grace_s=0, command=["python3", "-c", code])
 
 
 def pod_ips(cluster: E2ECluster, namespace: str, selector: str) -> dict[str, str]:

@@ -10,32 +10,11 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.e2e import E2ECluster, NetnsPostgres
+from tests.fixtures.e2e import E2ECluster, NetnsPostgres, deployment
 
 pytestmark = pytest.mark.e2e
 
 WEB_PORT = 8080
-
-
-def deployment(name: str, image: str, replicas: int, **container: Any) -> dict[str, Any]:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "containers": [
-                        {"name": name, "image": image, "imagePullPolicy": "Never", **container}
-                    ],
-                },
-            },
-        },
-    }
 
 
 def service(name: str, port: int, target: int) -> dict[str, Any]:
